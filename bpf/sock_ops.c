@@ -1,0 +1,74 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * sock_ops.c - records each redirected connection for the proxy, and forgets it when
+ * both ends have closed.
+ *
+ * The proxy asks SO_ORIGINAL_DST on its accepted socket, which is not the application's
+ * socket, so the original destination kept in the application socket's sk_storage must
+ * be copied into tp_conns under the connection's addresses. That is only possible once
+ * the source port is known: at BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, which the kernel runs
+ * before it sends the final ACK, so the entry exists before the proxy can accept().
+ *
+ * The entry is freed when both ends reached TCP_CLOSE (BPF_SOCK_OPS_STATE_CB), never by
+ * LRU eviction: an application that connects and closes at once must still leave the
+ * answer for a proxy that accepts late, as conntrack does for iptables. This needs the
+ * proxy in the same cgroup subtree, which the getsockopt hook needs anyway.
+ */
+#include "tproxy_conn.h"
+
+static __always_inline void tp_conn_closed(struct tp_conn_key *k)
+{
+	struct tp_conn *c = tp_conns.lookup(k);
+
+	if (!c)
+		return;
+	/* Fetch-free add (works before 5.12's atomic fetch): of two ends closing at once at
+	 * least the later one reads 2; a second delete of the same key is harmless. */
+	__sync_fetch_and_add(&c->closed, 1);
+	if (c->closed >= 2) {
+		tp_conns.delete(k);
+		tp_count(TP_R_CONN_RELEASED);
+	}
+}
+
+int sock_ops(struct bpf_sock_ops *skops)
+{
+	struct tp_conn_key k = {};
+	struct tp_orig_dst *orig;
+	struct bpf_sock *sk = skops->sk;
+
+	if (!sk)
+		return 1;
+	switch (skops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
+		struct tp_conn c = {};
+
+		orig = tp_sk_orig.sk_storage_get(sk, 0, 0);
+		if (!orig)
+			return 1;	/* not redirected by connect4/6 */
+		tp_key_from_sockops(&k, skops, 0);
+		__builtin_memcpy(&c.orig, orig, sizeof(c.orig));
+		if (tp_conns.update(&k, &c)) {
+			tp_count(TP_R_CONN_TRACK_FAILED);
+			return 1;
+		}
+		tp_count(TP_R_CONN_TRACKED);
+		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+		break;
+	}
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		tp_key_from_sockops(&k, skops, 1);
+		if (tp_conns.lookup(&k))
+			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] != BPF_TCP_CLOSE)
+			break;
+		/* The application's end is the one with an sk_storage entry. */
+		orig = tp_sk_orig.sk_storage_get(sk, 0, 0);
+		tp_key_from_sockops(&k, skops, orig == NULL);
+		tp_conn_closed(&k);
+		break;
+	}
+	return 1;
+}

@@ -1,0 +1,133 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * tproxy_abi.h - the structures and constants shared by the BPF programs and the loader.
+ *
+ * This is the single source of truth for the layouts.  loader/abi.py is its Python twin;
+ * tests/unit/test_abi.py checks that every constant below matches, and
+ * tests/kernel/test_abi_layout.py checks that the struct layouts BCC compiled match the
+ * ctypes structures byte for byte.  Change both sides together.
+ *
+ * Conventions: IPv4 addresses are stored as IPv4-mapped IPv6 (::ffff:a.b.c.d) in every
+ * 16-byte address field, so one lookup path serves both families and a v4-mapped address
+ * on an AF_INET6 socket is, as Kuma requires, treated as the IPv4 address it is.
+ * Ports are host byte order unless the name ends in _be.
+ */
+#ifndef TPROXY_ABI_H
+#define TPROXY_ABI_H
+
+/* Layout version: part of the pin directory, so an incompatible loader never reuses the
+ * maps of an older one by accident. Bump it when any struct below changes. */
+#define TP_ABI_VERSION 1
+
+#define TP_MAX_UID_RULES 32      /* --exclude-outbound-ports-for-uids entries */
+#define TP_MAX_PORT_RANGES 16    /* port ranges in one such entry */
+#define TP_CONN_MAX 262144       /* live captured connections tracked at once */
+#define TP_SO_ORIGINAL_DST 80    /* SO_ORIGINAL_DST and IP6T_SO_ORIGINAL_DST */
+
+/* tp_config.flags */
+#define TP_F_OUTBOUND 0x1        /* redirect.outbound.enabled */
+#define TP_F_IPV6 0x2            /* ipFamilyMode dualstack: IPv6 is captured too */
+#define TP_F_OUT_INCLUDE 0x4     /* redirect.outbound.includePorts is set */
+
+/* Kinds of entries in tp_ports and tp_cidrs. */
+#define TP_PORT_EXCLUDE_OUT 1    /* --exclude-outbound-ports */
+#define TP_PORT_INCLUDE_OUT 2    /* redirect.outbound.includePorts */
+#define TP_CIDR_EXCLUDE_OUT 1    /* --exclude-outbound-ips */
+#define TP_CIDR_LOCAL 2          /* addresses of the network namespace ("-o lo") */
+
+/* tp_uid_rule.protos */
+#define TP_PROTO_TCP 0x1
+#define TP_PROTO_UDP 0x2
+
+/* Why a connect() was decided the way it was: one counter each (tp_counters). */
+#define TP_R_OTHER_NETNS 0        /* socket in another netns than the instance: untouched */
+#define TP_R_FAMILY_OFF 1         /* IPv6 with ipFamilyMode ipv4 */
+#define TP_R_EXCL_UID_PORT 2      /* rule 1: exclude-outbound-ports-for-uids */
+#define TP_R_EXCL_IP 3            /* rule 2: exclude-outbound-ips */
+#define TP_R_OUTBOUND_OFF 4       /* rule 4a: outbound redirect disabled */
+#define TP_R_EXCL_PORT 5          /* rule 4b: exclude-outbound-ports */
+#define TP_R_PASSTHROUGH_SRC 6    /* rule 4c: source 127.0.0.6 / ::6 to a local address */
+#define TP_R_DP_HAIRPIN 7         /* rule 4d: DP user to a local address -> inbound port */
+#define TP_R_APP_LOCAL 8          /* rule 4e: non-DP user to a local address */
+#define TP_R_DP_DIRECT 9          /* rule 4f: DP user's own upstream connection */
+#define TP_R_LOOPBACK 10          /* rule 4g: destination 127.0.0.1 / ::1 */
+#define TP_R_NOT_INCLUDED 11      /* rule 4h: includePorts set, port not in it */
+#define TP_R_REDIRECT_OUT 12      /* rule 4h: -> outbound port */
+#define TP_R_ORIG_DST_ANSWERED 13 /* getsockopt(SO_ORIGINAL_DST) answered from tp_conns */
+#define TP_R_ORIG_DST_MISSED 14   /* SO_ORIGINAL_DST asked, no entry and no kernel answer */
+#define TP_R_CONN_TRACKED 15      /* a redirected connection was established and recorded */
+#define TP_R_CONN_TRACK_FAILED 16 /* tp_conns full: SO_ORIGINAL_DST will miss for it */
+#define TP_R_CONN_RELEASED 17     /* both ends of a tracked connection closed */
+#define TP_R_PEERNAME_RESTORED 18 /* getpeername() showed the original destination */
+#define TP_R_COUNT 19
+
+struct tp_config {
+	__u32 flags;            /* TP_F_* */
+	__u32 dp_uid;           /* --kuma-dp-user */
+	__u16 outbound_port;    /* --redirect-outbound-port */
+	__u16 inbound_port;     /* --redirect-inbound-port */
+	__u32 n_uid_rules;      /* entries used in tp_uid_rules for this generation */
+	__u64 netns_cookie;     /* only sockets of this netns are touched; 0 = any */
+	__u8 instance_ip4[16];  /* source for redirected IPv4 connections (mapped); 0 = none */
+	__u8 instance_ip6[16];  /* source for redirected IPv6 connections; 0 = none */
+};
+
+struct tp_port_range {
+	__u16 lo;
+	__u16 hi;
+};
+
+struct tp_uid_rule {
+	__u32 uid_lo;
+	__u32 uid_hi;
+	__u8 protos;            /* TP_PROTO_* */
+	__u8 n_ranges;
+	__u16 pad;
+	struct tp_port_range ranges[TP_MAX_PORT_RANGES];
+};
+
+struct tp_port_key {
+	__u8 gen;
+	__u8 kind;              /* TP_PORT_* */
+	__u16 port;
+};
+
+/* LPM key. The family byte keeps an IPv6 CIDR such as ::/0 from matching IPv4 traffic,
+ * which is stored mapped: ip6tables rules never see IPv4 packets either. */
+struct tp_cidr_key {
+	__u32 prefixlen;        /* 32 (gen, kind, family, pad) + 128 address bits at most */
+	__u8 gen;
+	__u8 kind;              /* TP_CIDR_* */
+	__u8 family;            /* 4 or 6 */
+	__u8 pad;
+	__u8 addr[16];
+};
+
+/* The original destination of one redirected connection. */
+struct tp_orig_dst {
+	__u8 addr[16];          /* mapped for IPv4 */
+	__u16 port;
+	__u16 family;           /* AF_INET or AF_INET6: the answer's sockaddr family */
+};
+
+/* A connection as the application's socket sees it: the key of tp_conns. */
+struct tp_conn_key {
+	__u8 app_addr[16];
+	__u8 proxy_addr[16];
+	__u16 app_port;
+	__u16 proxy_port;
+};
+
+struct tp_conn {
+	struct tp_orig_dst orig;
+	__u32 closed;           /* ends (application, proxy) that have closed */
+};
+
+/* The instance's description, as JSON written by the loader (status reads it back). */
+#define TP_META_SIZE 4092
+struct tp_meta {
+	__u32 len;
+	char json[TP_META_SIZE];
+};
+
+#endif /* TPROXY_ABI_H */

@@ -1,0 +1,175 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * tproxy_helpers.h - small inline helpers shared by the program files: configuration
+ * lookup, address predicates, set membership and counters.
+ */
+#ifndef TPROXY_HELPERS_H
+#define TPROXY_HELPERS_H
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/in6.h>
+
+#include "tproxy_maps.h"
+
+#define TP_AF_INET 2
+#define TP_AF_INET6 10
+#define TP_SOL_IP 0
+#define TP_SOL_IPV6 41
+#define TP_PAGE_SIZE 4096
+
+static __always_inline void tp_count(u32 reason)
+{
+	u64 *c = tp_counters.lookup(&reason);
+
+	if (c)
+		*c += 1;	/* per-CPU slot: no atomic needed */
+}
+
+/* The configuration in force, and its generation. NULL only before the loader's first
+ * write, in which case every program leaves traffic alone. */
+static __always_inline struct tp_config *tp_active_config(u8 *gen)
+{
+	u32 zero = 0, g;
+	u32 *active = tp_active.lookup(&zero);
+
+	if (!active)
+		return NULL;
+	g = *active & 1;
+	*gen = g;
+	return tp_config.lookup(&g);
+}
+
+/* Context fields such as user_ip6[] and local_ip6[] allow only 4-byte loads; without the
+ * volatile, clang merges two neighbouring words into one 8-byte load the verifier rejects
+ * ("invalid bpf_context access"). */
+#define TP_CTX_U32(field) (*(volatile u32 *)&(field))
+
+static __always_inline void tp_addr_from_ctx_ip6(u8 *addr, const u32 *ip6)
+{
+	u32 *w = (u32 *)addr;
+
+	w[0] = TP_CTX_U32(ip6[0]);
+	w[1] = TP_CTX_U32(ip6[1]);
+	w[2] = TP_CTX_U32(ip6[2]);
+	w[3] = TP_CTX_U32(ip6[3]);
+}
+
+/* Addresses are 16 bytes, IPv4 mapped (::ffff:a.b.c.d); read as four 32-bit words. */
+static __always_inline void tp_addr_from_ip4(u8 *addr, u32 ip4_be)
+{
+	u32 *w = (u32 *)addr;
+
+	w[0] = 0;
+	w[1] = 0;
+	w[2] = bpf_htonl(0x0000ffff);
+	w[3] = ip4_be;
+}
+
+static __always_inline int tp_addr_is_mapped(const u8 *addr)
+{
+	const u32 *w = (const u32 *)addr;
+
+	return w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0x0000ffff);
+}
+
+static __always_inline int tp_addr_is_zero(const u8 *addr)
+{
+	const u32 *w = (const u32 *)addr;
+
+	return (w[0] | w[1] | w[2] | w[3]) == 0;
+}
+
+/* ::ffff:0.0.0.0 is an unbound IPv4 socket's source. */
+static __always_inline int tp_addr_is_unspecified(const u8 *addr)
+{
+	const u32 *w = (const u32 *)addr;
+
+	return tp_addr_is_zero(addr) || (tp_addr_is_mapped(addr) && w[3] == 0);
+}
+
+/* 127.0.0.1 or ::1: Kuma's rule g and the exception in rule d. */
+static __always_inline int tp_addr_is_loopback1(const u8 *addr)
+{
+	const u32 *w = (const u32 *)addr;
+
+	if (tp_addr_is_mapped(addr))
+		return w[3] == bpf_htonl(0x7f000001);
+	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(1);
+}
+
+/* 127.0.0.6 or ::6: the source Envoy binds for its inbound passthrough (Kuma rule c). */
+static __always_inline int tp_addr_is_passthrough_src(const u8 *addr)
+{
+	const u32 *w = (const u32 *)addr;
+
+	if (tp_addr_is_mapped(addr))
+		return w[3] == bpf_htonl(0x7f000006);
+	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(6);
+}
+
+static __always_inline int tp_addr_eq(const u8 *a, const u8 *b)
+{
+	const u32 *x = (const u32 *)a, *y = (const u32 *)b;
+
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
+}
+
+static __always_inline int tp_port_in(u8 gen, u8 kind, u16 port)
+{
+	struct tp_port_key k = { .gen = gen, .kind = kind, .port = port };
+
+	return tp_ports.lookup(&k) != NULL;
+}
+
+static __always_inline int tp_cidr_match(u8 gen, u8 kind, const u8 *addr)
+{
+	struct tp_cidr_key k = {};
+
+	k.prefixlen = 32 + 128;
+	k.gen = gen;
+	k.kind = kind;
+	k.family = tp_addr_is_mapped(addr) ? 4 : 6;
+	__builtin_memcpy(k.addr, addr, 16);
+	return tp_cidrs.lookup(&k) != NULL;
+}
+
+/* "Local address" is Kuma's "-o lo": any address of the network namespace. */
+static __always_inline int tp_addr_is_local(u8 gen, const u8 *addr)
+{
+	return tp_cidr_match(gen, TP_CIDR_LOCAL, addr);
+}
+
+static __always_inline int tp_uid_rule_matches(u8 gen, u32 i, u32 uid, u8 proto, u16 port)
+{
+	u32 idx = gen * TP_MAX_UID_RULES + i;
+	struct tp_uid_rule *r = tp_uid_rules.lookup(&idx);
+	u32 j;
+
+	if (!r || uid < r->uid_lo || uid > r->uid_hi || !(r->protos & proto))
+		return 0;
+	for (j = 0; j < TP_MAX_PORT_RANGES; j++) {
+		if (j >= r->n_ranges)
+			break;
+		if (port >= r->ranges[j].lo && port <= r->ranges[j].hi)
+			return 1;
+	}
+	return 0;
+}
+
+/* Kuma rule 1: --exclude-outbound-ports-for-uids "[proto:][ports:]uids". */
+static __always_inline int tp_uid_port_excluded(u8 gen, const struct tp_config *cfg, u32 uid,
+						u8 proto, u16 port)
+{
+	u32 i;
+
+	for (i = 0; i < TP_MAX_UID_RULES; i++) {
+		if (i >= cfg->n_uid_rules)
+			break;
+		if (tp_uid_rule_matches(gen, i, uid, proto, port))
+			return 1;
+	}
+	return 0;
+}
+
+#endif /* TPROXY_HELPERS_H */

@@ -1,0 +1,40 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * tproxy_maps.h - every map of an instance, pinned under TP_PIN_DIR (set by the loader to
+ * <bpffs>/ebpf-tproxy/<instance>/maps-v<TP_ABI_VERSION>).
+ *
+ * BCC opens a pinned map when the pin exists and creates and pins it otherwise, which is
+ * what makes an upgrade in place possible: new programs are compiled against the same
+ * maps, so recorded connections and counters survive the switch.
+ *
+ * Configuration is double-buffered by generation (tp_active selects 0 or 1): the loader
+ * fills the inactive generation, then flips tp_active with one 4-byte write, so a
+ * connect() never sees half of an old and half of a new configuration.
+ */
+#ifndef TPROXY_MAPS_H
+#define TPROXY_MAPS_H
+
+#include "tproxy_abi.h"
+
+#define TP_PIN(name) TP_PIN_DIR "/" #name
+
+BPF_TABLE_PINNED("array", u32, u32, tp_active, 1, TP_PIN(tp_active));
+BPF_TABLE_PINNED("array", u32, struct tp_config, tp_config, 2, TP_PIN(tp_config));
+BPF_TABLE_PINNED("array", u32, struct tp_uid_rule, tp_uid_rules, 2 * TP_MAX_UID_RULES,
+		 TP_PIN(tp_uid_rules));
+BPF_TABLE_PINNED("hash", struct tp_port_key, u8, tp_ports, 4 * 65536, TP_PIN(tp_ports),
+		 BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct tp_cidr_key, u8, tp_cidrs, 65536, TP_PIN(tp_cidrs),
+		 BPF_F_NO_PREALLOC);
+/* Original destination of the application's own socket: freed with the socket. */
+BPF_TABLE_PINNED("sk_storage", int, struct tp_orig_dst, tp_sk_orig, 0, TP_PIN(tp_sk_orig),
+		 BPF_F_NO_PREALLOC);
+/* Original destination by connection, for the proxy's socket (a different socket, so
+ * sk_storage cannot serve it). Deleted when both ends have closed; never LRU, so a live
+ * connection's entry is never evicted. */
+BPF_TABLE_PINNED("hash", struct tp_conn_key, struct tp_conn, tp_conns, TP_CONN_MAX,
+		 TP_PIN(tp_conns), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("percpu_array", u32, u64, tp_counters, TP_R_COUNT, TP_PIN(tp_counters));
+BPF_TABLE_PINNED("array", u32, struct tp_meta, tp_meta, 1, TP_PIN(tp_meta));
+
+#endif /* TPROXY_MAPS_H */

@@ -1,0 +1,153 @@
+"""Python twin of bpf/tproxy_abi.h: the constants and struct layouts shared with the BPF side.
+
+bpf/tproxy_abi.h is the source of truth. tests/unit/test_abi.py checks every constant here
+against it, and tests/kernel/test_abi_layout.py checks these ctypes layouts against the
+structs BCC compiled from it.
+"""
+import ctypes as ct
+import ipaddress
+
+TP_ABI_VERSION = 1
+TP_MAX_UID_RULES = 32
+TP_MAX_PORT_RANGES = 16
+TP_CONN_MAX = 262144
+TP_SO_ORIGINAL_DST = 80
+
+TP_F_OUTBOUND = 0x1
+TP_F_IPV6 = 0x2
+TP_F_OUT_INCLUDE = 0x4
+
+TP_PORT_EXCLUDE_OUT = 1
+TP_PORT_INCLUDE_OUT = 2
+TP_CIDR_EXCLUDE_OUT = 1
+TP_CIDR_LOCAL = 2
+
+TP_PROTO_TCP = 0x1
+TP_PROTO_UDP = 0x2
+
+# Counter index -> name shown by `status`. Order is the TP_R_* numbering.
+REASONS = [
+    ("TP_R_OTHER_NETNS", "other_netns"),
+    ("TP_R_FAMILY_OFF", "ipv6_not_captured"),
+    ("TP_R_EXCL_UID_PORT", "excluded_uid_port"),
+    ("TP_R_EXCL_IP", "excluded_ip"),
+    ("TP_R_OUTBOUND_OFF", "outbound_disabled"),
+    ("TP_R_EXCL_PORT", "excluded_port"),
+    ("TP_R_PASSTHROUGH_SRC", "passthrough_source"),
+    ("TP_R_DP_HAIRPIN", "dp_hairpin_to_inbound"),
+    ("TP_R_APP_LOCAL", "app_to_local"),
+    ("TP_R_DP_DIRECT", "dp_direct"),
+    ("TP_R_LOOPBACK", "loopback"),
+    ("TP_R_NOT_INCLUDED", "not_in_include_ports"),
+    ("TP_R_REDIRECT_OUT", "redirected_outbound"),
+    ("TP_R_ORIG_DST_ANSWERED", "orig_dst_answered"),
+    ("TP_R_ORIG_DST_MISSED", "orig_dst_missed"),
+    ("TP_R_CONN_TRACKED", "conn_tracked"),
+    ("TP_R_CONN_TRACK_FAILED", "conn_track_failed"),
+    ("TP_R_CONN_RELEASED", "conn_released"),
+    ("TP_R_PEERNAME_RESTORED", "peername_restored"),
+]
+TP_R_COUNT = len(REASONS)
+REASON_INDEX = {name: i for i, (_, name) in enumerate(REASONS)}
+
+TP_META_SIZE = 4092
+
+
+class TpConfig(ct.Structure):
+    _fields_ = [
+        ("flags", ct.c_uint32),
+        ("dp_uid", ct.c_uint32),
+        ("outbound_port", ct.c_uint16),
+        ("inbound_port", ct.c_uint16),
+        ("n_uid_rules", ct.c_uint32),
+        ("netns_cookie", ct.c_uint64),
+        ("instance_ip4", ct.c_uint8 * 16),
+        ("instance_ip6", ct.c_uint8 * 16),
+    ]
+
+
+class TpPortRange(ct.Structure):
+    _fields_ = [("lo", ct.c_uint16), ("hi", ct.c_uint16)]
+
+
+class TpUidRule(ct.Structure):
+    _fields_ = [
+        ("uid_lo", ct.c_uint32),
+        ("uid_hi", ct.c_uint32),
+        ("protos", ct.c_uint8),
+        ("n_ranges", ct.c_uint8),
+        ("pad", ct.c_uint16),
+        ("ranges", TpPortRange * TP_MAX_PORT_RANGES),
+    ]
+
+
+class TpPortKey(ct.Structure):
+    _fields_ = [("gen", ct.c_uint8), ("kind", ct.c_uint8), ("port", ct.c_uint16)]
+
+
+class TpCidrKey(ct.Structure):
+    _fields_ = [
+        ("prefixlen", ct.c_uint32),
+        ("gen", ct.c_uint8),
+        ("kind", ct.c_uint8),
+        ("family", ct.c_uint8),
+        ("pad", ct.c_uint8),
+        ("addr", ct.c_uint8 * 16),
+    ]
+
+
+class TpOrigDst(ct.Structure):
+    _fields_ = [("addr", ct.c_uint8 * 16), ("port", ct.c_uint16), ("family", ct.c_uint16)]
+
+
+class TpConnKey(ct.Structure):
+    _fields_ = [
+        ("app_addr", ct.c_uint8 * 16),
+        ("proxy_addr", ct.c_uint8 * 16),
+        ("app_port", ct.c_uint16),
+        ("proxy_port", ct.c_uint16),
+    ]
+
+
+class TpConn(ct.Structure):
+    _fields_ = [("orig", TpOrigDst), ("closed", ct.c_uint32)]
+
+
+class TpMeta(ct.Structure):
+    _fields_ = [("len", ct.c_uint32), ("json", ct.c_char * TP_META_SIZE)]
+
+
+# Which ctypes twin stands for which C struct (checked by the layout test).
+STRUCTS = {
+    "tp_config": TpConfig,
+    "tp_port_range": TpPortRange,
+    "tp_uid_rule": TpUidRule,
+    "tp_port_key": TpPortKey,
+    "tp_cidr_key": TpCidrKey,
+    "tp_orig_dst": TpOrigDst,
+    "tp_conn_key": TpConnKey,
+    "tp_conn": TpConn,
+    "tp_meta": TpMeta,
+}
+
+
+def addr16(ip):
+    """An address as the BPF side stores it: 16 bytes, IPv4 as ::ffff:a.b.c.d."""
+    ip = ipaddress.ip_address(ip)
+    if ip.version == 4:
+        ip = ipaddress.IPv6Address("::ffff:" + str(ip))
+    return (ct.c_uint8 * 16)(*ip.packed)
+
+
+def addr_from16(raw, family=None):
+    """Inverse of addr16: an IPv4Address for mapped addresses, else IPv6Address."""
+    ip = ipaddress.IPv6Address(bytes(raw))
+    return ip.ipv4_mapped or ip
+
+
+def cidr_key(gen, kind, network):
+    """The tp_cidrs LPM key for one CIDR: 32 bits of (gen, kind, family, pad) + address bits."""
+    net = ipaddress.ip_network(network, strict=False)
+    bits = net.prefixlen + (96 if net.version == 4 else 0)
+    return TpCidrKey(prefixlen=32 + bits, gen=gen, kind=kind, family=net.version,
+                     addr=addr16(net.network_address))

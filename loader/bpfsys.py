@@ -1,0 +1,161 @@
+"""The few bpf(2) operations BCC's Python API lacks, through the distribution's libbpf.
+
+BCC attaches cgroup programs with the legacy BPF_PROG_ATTACH, which leaves programs
+attached with no owner to find them later. BPF links (kernel >= 5.7) are owned objects:
+pinned in bpffs they keep the program attached after the loader exits, `bpf_link_update`
+swaps the program atomically (upgrade in place), and removing the last pin detaches.
+libbpf.so.1 exports everything needed; only ctypes is involved.
+"""
+import ctypes as ct
+import ctypes.util
+import errno
+import os
+import socket
+
+# enum bpf_attach_type (uapi/linux/bpf.h)
+CGROUP_SOCK_OPS = 3
+CGROUP_INET4_CONNECT = 10
+CGROUP_INET6_CONNECT = 11
+CGROUP_GETSOCKOPT = 21
+CGROUP_INET4_GETPEERNAME = 29
+CGROUP_INET6_GETPEERNAME = 30
+
+# enum bpf_prog_type
+PROG_SOCK_OPS = 13
+PROG_CGROUP_SOCK_ADDR = 18
+PROG_CGROUP_SOCKOPT = 25
+
+SO_NETNS_COOKIE = 71  # kernel >= 5.14
+
+
+class BpfError(OSError):
+    """A bpf(2) call failed; str() names the operation and the errno."""
+
+
+_lib = None
+
+
+def libbpf():
+    global _lib
+    if _lib is None:
+        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+        try:
+            lib = ct.CDLL(name, use_errno=True)
+        except OSError as e:
+            raise BpfError(errno.ENOENT, f"cannot load libbpf ({name}): {e}; "
+                           "install the libbpf1 package") from None
+        lib.bpf_link_create.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
+        lib.bpf_link_update.argtypes = [ct.c_int, ct.c_int, ct.c_void_p]
+        lib.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
+        lib.bpf_obj_get.argtypes = [ct.c_char_p]
+        lib.bpf_link_detach.argtypes = [ct.c_int]
+        lib.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+        lib.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
+        lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
+        lib.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+        _lib = lib
+    return _lib
+
+
+def _check(ret, what):
+    # libbpf 1.x returns -errno directly (and sets errno).
+    if ret < 0:
+        err = -ret if ret != -1 else (ct.get_errno() or errno.EINVAL)
+        raise BpfError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def link_create(prog_fd, target_fd, attach_type):
+    return _check(libbpf().bpf_link_create(prog_fd, target_fd, attach_type, None),
+                  f"bpf_link_create(attach type {attach_type})")
+
+
+def link_update(link_fd, new_prog_fd):
+    _check(libbpf().bpf_link_update(link_fd, new_prog_fd, None), "bpf_link_update")
+
+
+def link_detach(link_fd):
+    _check(libbpf().bpf_link_detach(link_fd), "bpf_link_detach")
+
+
+def obj_pin(fd, path):
+    _check(libbpf().bpf_obj_pin(fd, os.fsencode(path)), f"bpf_obj_pin({path})")
+
+
+def obj_get(path):
+    return _check(libbpf().bpf_obj_get(os.fsencode(path)), f"bpf_obj_get({path})")
+
+
+class PinnedMap:
+    """A pinned map opened by path, for reading and writing from userspace (status,
+    uninstall, config updates) without compiling anything."""
+
+    def __init__(self, path, key_type, value_type, percpu=False):
+        self.fd = obj_get(path)
+        self.key_type, self.value_type, self.percpu = key_type, value_type, percpu
+        # Per-CPU values come back as one 8-byte-aligned slot per possible CPU.
+        self.ncpu = _possible_cpus() if percpu else 1
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _value_buf(self):
+        return (self.value_type * self.ncpu)() if self.percpu else self.value_type()
+
+    def lookup(self, key):
+        val = self._value_buf()
+        ret = libbpf().bpf_map_lookup_elem(self.fd, ct.byref(key), ct.byref(val))
+        if ret < 0:
+            if -ret == errno.ENOENT or ct.get_errno() == errno.ENOENT:
+                return None
+            _check(ret, "bpf_map_lookup_elem")
+        return val
+
+    def update(self, key, value):
+        _check(libbpf().bpf_map_update_elem(self.fd, ct.byref(key), ct.byref(value), 0),
+               "bpf_map_update_elem")
+
+    def delete(self, key):
+        ret = libbpf().bpf_map_delete_elem(self.fd, ct.byref(key))
+        if ret < 0 and -ret != errno.ENOENT and ct.get_errno() != errno.ENOENT:
+            _check(ret, "bpf_map_delete_elem")
+
+    def keys(self):
+        out, prev = [], None
+        while True:
+            nxt = self.key_type()
+            ret = libbpf().bpf_map_get_next_key(
+                self.fd, ct.byref(prev) if prev is not None else None, ct.byref(nxt))
+            if ret < 0:
+                return out
+            out.append(nxt)
+            prev = nxt
+
+
+def _possible_cpus():
+    with open("/sys/devices/system/cpu/possible") as f:
+        spec = f.read().strip()
+    n = 0
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        n = max(n, int(hi or lo) + 1)
+    return n
+
+
+def netns_cookie():
+    """The cookie of the caller's network namespace (SO_NETNS_COOKIE, kernel >= 5.14);
+    0 when the kernel cannot tell, which disables the netns check in connect4/6."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+        except OSError:
+            return 0
+    return int.from_bytes(raw, "little")

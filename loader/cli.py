@@ -1,0 +1,346 @@
+"""ebpf-tproxy: the command line (check, install, status, uninstall, demo).
+
+Flags, config keys and KUMA_TRANSPARENT_PROXY_* variables are Kuma's; see
+docs/kuma-compatibility.md. Bad input exits 2 with one line and touches nothing.
+"""
+import json
+import os
+import sys
+
+import click
+
+from . import config, instance, kernel
+from .config import ConfigError
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def fail(msg, code=EXIT_BAD_INPUT):
+    click.echo(f"ebpf-tproxy: error: {msg}", err=True)
+    sys.exit(code)
+
+
+def progress(msg):
+    click.echo(f"  - {msg}", err=True)
+
+
+def enter_netns(netns):
+    """--netns: act on a named network namespace (or a /proc/PID/ns/net path) without
+    `ip netns exec`, which remounts /sys and hides the cgroup2 and bpffs mounts."""
+    if not netns:
+        return
+    path = netns if "/" in netns else f"/run/netns/{netns}"
+    if not os.path.exists(path):
+        fail(f"--netns: {path} does not exist; create it with 'ip netns add' or give a path "
+             "such as /proc/PID/ns/net")
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.setns(fd, 0x40000000) != 0:   # CLONE_NEWNET
+            fail(f"--netns: cannot enter {path}: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(fd)
+
+
+def resolve_cgroup(path):
+    root = kernel.cgroup2_mount()
+    if root is None:
+        raise ConfigError("no cgroup2 mount found in /proc/self/mounts; mount one "
+                          "(mount -t cgroup2 none /sys/fs/cgroup/unified) and retry")
+    path = os.path.abspath(path or root)
+    if not kernel.is_cgroup2(path):
+        raise ConfigError(f"--ebpf-cgroup-path: {path} is not a directory in the cgroup2 "
+                          f"mount; give a cgroup under {root}")
+    return path
+
+
+# Optional-value booleans: Kuma users write both "--redirect-inbound" and
+# "--redirect-inbound=false".
+def bool_option(name, help):
+    return click.option(name, is_flag=False, flag_value="true", default=None,
+                        metavar="[=BOOL]", help=help)
+
+
+KUMA_OPTIONS = [
+    click.option("--config", "config_files", multiple=True, metavar="FILE",
+                 help="Kuma config file (YAML or JSON), repeatable or comma list; - is stdin."),
+    click.option("--kuma-dp-user", help="Name or uid the proxy runs as (default: uid 5678, "
+                 "else user kuma-dp)."),
+    click.option("--redirect-outbound-port", help="Proxy's outbound listener (default 15001)."),
+    click.option("--redirect-inbound-port", help="Proxy's inbound listener (default 15006)."),
+    bool_option("--redirect-inbound", "Inbound capture (not implemented yet: only "
+                "--redirect-inbound=false changes nothing)."),
+    click.option("--exclude-outbound-ports", multiple=True, metavar="PORTS",
+                 help="Comma list of ports sent direct; repeated flag: last wins."),
+    click.option("--exclude-outbound-ips", multiple=True, metavar="CIDRS",
+                 help="IPs/CIDRs sent direct; repeatable and comma lists."),
+    click.option("--exclude-outbound-ports-for-uids", multiple=True,
+                 metavar="[PROTO:][PORTS:]UIDS",
+                 help="Ports sent direct for these uids, e.g. tcp:53,3000-5000:106-108; "
+                 "repeatable."),
+    click.option("--exclude-inbound-ports", multiple=True, metavar="PORTS",
+                 help="(inbound capture: not implemented yet)"),
+    click.option("--exclude-inbound-ips", multiple=True, metavar="CIDRS",
+                 help="(inbound capture: not implemented yet)"),
+    bool_option("--redirect-dns", "(DNS capture: not implemented yet)"),
+    bool_option("--redirect-all-dns-traffic", "(DNS capture: not implemented yet)"),
+    click.option("--redirect-dns-port", help="(DNS capture: not implemented yet)"),
+    click.option("--ip-family-mode", help="dualstack (default) or ipv4."),
+    bool_option("--ebpf-enabled", "Accepted for Kuma compatibility; always true here."),
+    click.option("--ebpf-cgroup-path", help="cgroup2 directory whose processes are captured "
+                 "(default: the cgroup2 mount's root)."),
+    click.option("--ebpf-bpffs-path", help="bpffs mount for the pins (default /sys/fs/bpf; "
+                 "mounted if absent)."),
+    click.option("--ebpf-instance-ip", help="The host's/pod's address the proxy sees as "
+                 "source (default: from netlink)."),
+    click.option("--ebpf-tc-attach-iface", help="(not used: no tc program)"),
+    click.option("--ebpf-programs-source-path", help="(not used: programs are built in)"),
+    click.option("--vnet", multiple=True, help="(not implemented yet)"),
+    bool_option("--store-firewalld", "(not applicable to eBPF)"),
+    click.option("--name", default="default", show_default=True,
+                 help="Instance name: several instances can capture different cgroups."),
+    click.option("--netns", help="Network namespace to act on (name in /run/netns or a "
+                 "path); default: the one this command runs in."),
+    click.option("--dry-run", is_flag=True, default=None,
+                 help="Print the plan (programs, attach points, map contents); change nothing."),
+    click.option("--verbose", is_flag=True, default=None, help="Show each step."),
+]
+
+FLAG_PATHS = {
+    "kuma_dp_user": "kumaDPUser",
+    "redirect_outbound_port": "redirect.outbound.port",
+    "redirect_inbound_port": "redirect.inbound.port",
+    "redirect_inbound": "redirect.inbound.enabled",
+    "exclude_outbound_ips": "redirect.outbound.excludePortsForIPs",
+    "exclude_outbound_ports_for_uids": "redirect.outbound.excludePortsForUIDs",
+    "exclude_inbound_ips": "redirect.inbound.excludePortsForIPs",
+    "redirect_dns": "redirect.dns.enabled",
+    "redirect_all_dns_traffic": "redirect.dns.captureAll",
+    "redirect_dns_port": "redirect.dns.port",
+    "ip_family_mode": "ipFamilyMode",
+    "ebpf_enabled": "ebpf.enabled",
+    "ebpf_cgroup_path": "ebpf.cgroupPath",
+    "ebpf_bpffs_path": "ebpf.bpffsPath",
+    "ebpf_instance_ip": "ebpf.instanceIP",
+    "ebpf_tc_attach_iface": "ebpf.tcAttachIface",
+    "ebpf_programs_source_path": "ebpf.programsSourcePath",
+    "vnet": "redirect.vnet.networks",
+    "store_firewalld": "storeFirewalld",
+    "dry_run": "dryRun",
+    "verbose": "verbose",
+}
+# Kuma: a repeated port-list flag replaces the earlier one instead of adding to it.
+LAST_WINS = {"exclude_outbound_ports": "redirect.outbound.excludePorts",
+             "exclude_inbound_ports": "redirect.inbound.excludePorts"}
+
+
+def flags_from(kwargs):
+    flags = {}
+    for key, path in FLAG_PATHS.items():
+        val = kwargs.get(key)
+        if val is None or val == ():
+            continue
+        flags[path] = list(val) if isinstance(val, tuple) else val
+    for key, path in LAST_WINS.items():
+        if kwargs.get(key):
+            flags[path] = kwargs[key][-1]
+    return flags
+
+
+def with_options(options):
+    def deco(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return deco
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ebpf-tproxy")
+def main():
+    """Kuma-compatible transparent proxy redirect with eBPF cgroup hooks.
+
+    \b
+    Example:
+      ebpf-tproxy check
+      ebpf-tproxy install --kuma-dp-user kuma-dp --ebpf-cgroup-path /sys/fs/cgroup/unified/app
+      ebpf-tproxy status
+      ebpf-tproxy uninstall
+    """
+
+
+@main.command()
+@click.option("--ebpf-cgroup-path", help="cgroup the install would target.")
+@click.option("--ebpf-bpffs-path", default="/sys/fs/bpf", show_default=True)
+@click.option("--output", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+def check(ebpf_cgroup_path, ebpf_bpffs_path, output):
+    """Check that install can succeed here: kernel, mounts, privileges, BCC, hooks.
+
+    \b
+    Example:
+      ebpf-tproxy check
+      ebpf-tproxy check --output json
+    Exits 0 only if every required check passes.
+    """
+    from . import probe
+    checks = [kernel.check_kernel_version(), kernel.check_cgroup2(ebpf_cgroup_path),
+              kernel.check_bpffs(ebpf_bpffs_path), kernel.check_privileges(),
+              kernel.check_bcc(), kernel.check_headers()]
+    ready = all(c.ok for c in checks)
+    if ready and checks[0].ok:
+        progress("probing each hook by loading a tiny program")
+        try:
+            for feature, ok, err, progs in probe.probe_hooks():
+                from .programs import PROGRAMS
+                optional = [p for p in PROGRAMS if p.name in progs and not p.required]
+                fix = "" if ok else (f"without it {optional[0].missing_means}" if optional
+                                     else "this kernel lacks a hook install needs")
+                checks.append(kernel.Check(feature, ok, "loads" if ok else err, fix,
+                                           required=not optional))
+        except Exception as e:
+            checks.append(kernel.Check("BPF compile", False, str(e).splitlines()[0],
+                                       "run 'make setup' (headers, python3-bpfcc)"))
+    ok = all(c.ok or not c.required for c in checks)
+    if output == "json":
+        click.echo(json.dumps({"ok": ok, "checks": [vars(c) for c in checks]}, indent=2))
+    else:
+        for c in checks:
+            mark = "✓" if c.ok else ("✗" if c.required else "!")
+            line = f"{mark} {c.name:<44} {c.detail}"
+            click.echo(line + (f"\n    fix: {c.fix}" if c.fix and not c.ok else ""))
+        click.echo("ready to install" if ok else "not ready: fix the ✗ lines above")
+    sys.exit(0 if ok else EXIT_FAILED)
+
+
+@main.command()
+@with_options(KUMA_OPTIONS)
+def install(**kw):
+    """Capture the cgroup's outbound TCP connections for the proxy (or update in place).
+
+    Outbound TCP connections of processes in --ebpf-cgroup-path land on the proxy's
+    outbound port exactly as Kuma's iptables rules would send them, and the proxy's
+    getsockopt(SO_ORIGINAL_DST) returns the original destination. Running install again
+    with another configuration updates the instance in place without a gap.
+
+    \b
+    Example:
+      ebpf-tproxy install --kuma-dp-user kuma-dp \\
+          --ebpf-cgroup-path /sys/fs/cgroup/unified/app \\
+          --exclude-outbound-ports 22 --exclude-outbound-ips 10.0.0.0/8
+      ebpf-tproxy install --config tproxy.yaml --dry-run
+    """
+    try:
+        settings, warnings = config.load(kw["config_files"], flags=flags_from(kw),
+                                         name=kw["name"])
+        for w in warnings:
+            click.echo(f"ebpf-tproxy: warning: {w}", err=True)
+        cgroup = resolve_cgroup(settings.cgroup_path)
+    except ConfigError as e:
+        fail(str(e))
+    enter_netns(kw["netns"])
+    verbose = settings.verbose
+    if settings.dry_run:
+        from . import bpfsys, netinfo
+        p = instance.plan(settings, netinfo.local_networks(), netinfo.default_instance_ips(),
+                          cgroup, bpfsys.netns_cookie())
+        click.echo(config.dump_json(p))
+        return
+    ver = kernel.check_kernel_version()
+    if not ver.ok:
+        fail(f"{ver.detail}: {ver.fix}")
+    priv = kernel.check_privileges()
+    if not priv.ok:
+        fail(f"{priv.detail}: {priv.fix}")
+    try:
+        p = instance.install(settings, cgroup, progress=progress if verbose else None)
+    except (kernel.HostError, instance.InstallError) as e:
+        fail(str(e), EXIT_FAILED)
+    except OSError as e:
+        fail(f"install failed and was rolled back: {e}", EXIT_FAILED)
+    click.echo(f"installed {settings.name!r}: outbound TCP of {cgroup} -> "
+               f"port {settings.outbound_port} (DP user {settings.dp_user}, uid "
+               f"{settings.dp_uid}, source {p['instance_ip4'] or '-'}"
+               f"{' / ' + p['instance_ip6'] if p['instance_ip6'] else ''})")
+
+
+@main.command()
+@click.option("--name", help="Only this instance.")
+@click.option("--ebpf-bpffs-path", default="/sys/fs/bpf", show_default=True)
+@click.option("--output", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+def status(name, ebpf_bpffs_path, output):
+    """Show installed instances: attach points, configuration, counters.
+
+    \b
+    Example:
+      ebpf-tproxy status
+      ebpf-tproxy status --name default --output json
+    """
+    entries = instance.status(ebpf_bpffs_path, name)
+    if output == "json":
+        click.echo(json.dumps(entries, indent=2))
+    elif not entries:
+        click.echo("no instances installed" + (f" named {name!r}" if name else ""))
+    else:
+        for e in entries:
+            meta = e.get("meta") or {}
+            click.echo(f"instance {e['name']}")
+            click.echo(f"  cgroup        {meta.get('cgroup', '?')}")
+            click.echo(f"  netns cookie  {meta.get('netns_cookie', '?')}")
+            click.echo(f"  source IPs    {meta.get('instance_ip4') or '-'} "
+                       f"{meta.get('instance_ip6') or ''}")
+            out = meta.get("config", {}).get("redirect", {}).get("outbound", {})
+            click.echo(f"  outbound      port {out.get('port')}  exclude ports "
+                       f"{out.get('excludePorts')}  exclude IPs {out.get('excludePortsForIPs')}"
+                       f"  uids {out.get('excludePortsForUIDs')}")
+            click.echo(f"  inbound       {meta.get('inbound_capture', '?')}")
+            for ln, info in e["links"].items():
+                click.echo(f"  link {ln:<22} link id {info.get('link_id')}  prog id "
+                           f"{info.get('prog_id')}")
+            click.echo(f"  tracked connections  {e.get('tracked_connections')}")
+            counters = {k: v for k, v in (e.get("counters") or {}).items() if v}
+            click.echo("  counters      " + (", ".join(f"{k}={v}" for k, v in counters.items())
+                                             or "all zero"))
+            for prob in e["problems"]:
+                click.echo(f"  PROBLEM: {prob}")
+
+
+@main.command()
+@click.option("--name", default="default", show_default=True)
+@click.option("--all", "all_", is_flag=True, help="Every instance.")
+@click.option("--ebpf-bpffs-path", default="/sys/fs/bpf", show_default=True)
+def uninstall(name, all_, ebpf_bpffs_path):
+    """Remove an instance: links, programs, maps and pins. Safe to run twice.
+
+    \b
+    Example:
+      ebpf-tproxy uninstall
+      ebpf-tproxy uninstall --all
+    """
+    names = instance.list_instances(ebpf_bpffs_path) if all_ else [name]
+    for n in names:
+        removed = instance.uninstall(ebpf_bpffs_path, n)
+        click.echo(f"uninstalled {n!r}: removed {len(removed)} objects" if removed
+                   else f"nothing to uninstall for {n!r}")
+
+
+@main.command()
+@click.option("--keep-going", is_flag=True, help="Wait for Enter before tearing down.")
+def demo(keep_going):
+    """Run the built-in lab: capture an app's traffic, show it, release it.
+
+    \b
+    Example:
+      ebpf-tproxy demo
+    Builds network namespaces, a child cgroup and a small proxy, installs capture, makes
+    requests, prints what the proxy saw and `status`, uninstalls and shows the host clean.
+    """
+    from . import demo as demo_mod
+    sys.exit(demo_mod.run(pause=keep_going))
+
+
+if __name__ == "__main__":
+    main()

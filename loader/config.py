@@ -1,0 +1,524 @@
+"""Kuma's transparent-proxy configuration: defaults < config files < environment < flags.
+
+The schema, key spellings and environment names are Kuma's (`kumactl install
+transparent-proxy`); see docs/kuma-compatibility.md. Everything the user can get wrong is
+checked here, before anything touches the kernel, and reported as one ConfigError line
+naming the cause and the fix.
+"""
+import copy
+import dataclasses
+import ipaddress
+import json
+import os
+import pwd
+import re
+import sys
+
+import yaml
+
+from . import abi
+
+ENV_PREFIX = "KUMA_TRANSPARENT_PROXY_"
+DEFAULT_DP_UID = 5678
+DEFAULT_DP_USER = "kuma-dp"
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+class ConfigError(ValueError):
+    """Bad input: the message is the one line the user sees (cause and fix)."""
+
+
+# Kuma's schema. Each leaf: (default, kind). Kinds are parsed by PARSERS below.
+SCHEMA = {
+    "kumaDPUser": ("", "str"),
+    "ipFamilyMode": ("dualstack", "family"),
+    "redirect": {
+        "inbound": {
+            "enabled": (True, "bool"),
+            "port": (15006, "port"),
+            "includePorts": ([], "ports"),
+            "excludePorts": ([], "ports"),
+            "excludePortsForIPs": ([], "cidrs"),
+            "excludePortsForUIDs": ([], "strs"),
+        },
+        "outbound": {
+            "enabled": (True, "bool"),
+            "port": (15001, "port"),
+            "includePorts": ([], "ports"),
+            "excludePorts": ([], "ports"),
+            "excludePortsForIPs": ([], "cidrs"),
+            "excludePortsForUIDs": ([], "uidrules"),
+        },
+        "dns": {
+            "enabled": (False, "bool"),
+            "port": (15053, "port"),
+            "captureAll": (False, "bool"),
+            "resolvConfigPath": ("/etc/resolv.conf", "str"),
+            "skipConntrackZoneSplit": (False, "bool"),
+        },
+        "vnet": {"networks": ([], "strs")},
+    },
+    "ebpf": {
+        "enabled": (True, "bool"),
+        "instanceIP": ("", "ip"),
+        "bpffsPath": ("/sys/fs/bpf", "str"),
+        "cgroupPath": ("", "str"),
+        "tcAttachIface": ("", "str"),
+        "programsSourcePath": ("", "str"),
+    },
+    "dryRun": (False, "bool"),
+    "verbose": (False, "bool"),
+    "storeFirewalld": (False, "bool"),
+}
+
+# Keys whose non-default values this version cannot honour yet. They are refused, never
+# silently ignored: a mesh that believes DNS or inbound is captured when it is not leaks.
+NOT_YET = {
+    "redirect.inbound.includePorts": "inbound capture is not implemented yet",
+    "redirect.inbound.excludePorts": "inbound capture is not implemented yet",
+    "redirect.inbound.excludePortsForIPs": "inbound capture is not implemented yet",
+    "redirect.inbound.excludePortsForUIDs": "inbound capture is not implemented yet",
+    "redirect.dns.enabled": "DNS capture is not implemented yet",
+    "redirect.dns.captureAll": "DNS capture is not implemented yet",
+    "redirect.vnet.networks": "--vnet (bridged traffic as outbound) is not implemented",
+    "ebpf.tcAttachIface": "no tc program is used: inbound capture will not need an interface",
+    "ebpf.programsSourcePath": "the programs are built in; there is no source path to set",
+    "storeFirewalld": "not applicable to eBPF (no firewalld rules are written)",
+}
+
+
+def _leaves(schema=SCHEMA, prefix=""):
+    for key, val in schema.items():
+        path = f"{prefix}{key}"
+        if isinstance(val, dict):
+            yield from _leaves(val, path + ".")
+        else:
+            yield path, val
+
+
+LEAVES = dict(_leaves())
+
+
+def env_name(path):
+    """Kuma's environment name for a key path: ebpf.cgroupPath -> ..._EBPF_CGROUP_PATH."""
+    words = []
+    for part in path.split("."):
+        part = part.replace("DPUser", "DpUser").replace("IPs", "Ips").replace("UIDs", "Uids")
+        part = part.replace("instanceIP", "instanceIp")
+        words.append(re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", part).upper())
+    return ENV_PREFIX + "_".join(words)
+
+
+ENV_NAMES = {env_name(p): p for p in LEAVES}
+
+
+# ----------------------------------------------------------------------------- parsers
+
+def _split(value):
+    """A list given as a list, a comma string or a single value."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        out = []
+        for v in value:
+            out.extend(_split(v))
+        return out
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [str(value)]
+    return [p.strip() for p in str(value).split(",") if p.strip()]
+
+
+def parse_port(value, what):
+    try:
+        port = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"{what}: {value!r} is not a port number; use 1-65535") from None
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{what}: {port} is not a valid port; use 1-65535")
+    return port
+
+
+def parse_port_ranges(value, what, allow_star=True):
+    """'53,3000-5000' -> [(53, 53), (3000, 5000)]; '*' -> [(1, 65535)]."""
+    ranges = []
+    for item in _split(value):
+        if item == "*" and allow_star:
+            ranges.append((1, 65535))
+            continue
+        lo, sep, hi = item.partition("-")
+        a = parse_port(lo, what)
+        b = parse_port(hi, what) if sep else a
+        if b < a:
+            raise ConfigError(f"{what}: range {item!r} ends before it starts; write LOW-HIGH")
+        ranges.append((a, b))
+    return ranges
+
+
+def parse_ports(value, what):
+    ports = []
+    for lo, hi in parse_port_ranges(value, what, allow_star=False):
+        ports.extend(range(lo, hi + 1))
+    return sorted(set(ports))
+
+
+def parse_cidrs(value, what):
+    nets = []
+    for item in _split(value):
+        try:
+            nets.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ConfigError(f"{what}: {item!r} is not an IP address or CIDR "
+                              "(e.g. 10.0.0.1 or 192.168.0.0/24)") from None
+    return nets
+
+
+def parse_uid_range(text, what):
+    lo, sep, hi = text.partition("-")
+    try:
+        a = int(lo)
+        b = int(hi) if sep else a
+    except ValueError:
+        raise ConfigError(f"{what}: {text!r} is not a uid or uid range (e.g. 1000 or "
+                          "106-108)") from None
+    if a < 0 or b < a or b > 0xFFFFFFFE:
+        raise ConfigError(f"{what}: uid range {text!r} is not valid; write LOW-HIGH, "
+                          "0 <= LOW <= HIGH")
+    return a, b
+
+
+@dataclasses.dataclass(frozen=True)
+class UidRule:
+    """One --exclude-outbound-ports-for-uids entry: [proto:][ports:]uids."""
+    protos: int
+    ports: tuple
+    uid_lo: int
+    uid_hi: int
+
+    def describe(self):
+        protos = {abi.TP_PROTO_TCP: "tcp", abi.TP_PROTO_UDP: "udp"}.get(self.protos, "tcp,udp")
+        ports = ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in self.ports)
+        uids = f"{self.uid_lo}" if self.uid_lo == self.uid_hi else f"{self.uid_lo}-{self.uid_hi}"
+        return f"{protos}:{ports}:{uids}"
+
+
+def parse_uid_rule(text, what="--exclude-outbound-ports-for-uids"):
+    parts = text.strip().split(":")
+    if len(parts) == 1:
+        proto, ports, uids = "*", "*", parts[0]
+    elif len(parts) == 2:
+        proto, (ports, uids) = "*", parts
+    elif len(parts) == 3:
+        proto, ports, uids = parts
+    else:
+        raise ConfigError(f"{what}: {text!r} has too many ':'; the form is "
+                          "[proto:][ports:]uids, e.g. tcp:53,3000-5000:106-108")
+    protos = 0
+    for p in _split(proto) or ["*"]:
+        p = p.lower()
+        if p == "*":
+            protos |= abi.TP_PROTO_TCP | abi.TP_PROTO_UDP
+        elif p == "tcp":
+            protos |= abi.TP_PROTO_TCP
+        elif p == "udp":
+            protos |= abi.TP_PROTO_UDP
+        else:
+            raise ConfigError(f"{what}: protocol {p!r} in {text!r} is not tcp, udp or *")
+    ranges = parse_port_ranges(ports or "*", f"{what} {text!r}")
+    if len(ranges) > abi.TP_MAX_PORT_RANGES:
+        raise ConfigError(f"{what}: {text!r} has {len(ranges)} port ranges; at most "
+                          f"{abi.TP_MAX_PORT_RANGES} per entry, split it into several entries")
+    lo, hi = parse_uid_range(uids.strip(), f"{what} {text!r}")
+    return UidRule(protos, tuple(ranges), lo, hi)
+
+
+def parse_bool(value, what):
+    if isinstance(value, bool):
+        return value
+    s = str(value).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{what}: {value!r} is not a boolean; use true or false")
+
+
+def parse_leaf(kind, value, what):
+    if kind == "bool":
+        return parse_bool(value, what)
+    if kind == "port":
+        return parse_port(value, what)
+    if kind == "ports":
+        return parse_ports(value, what)
+    if kind == "cidrs":
+        return parse_cidrs(value, what)
+    if kind == "uidrules":
+        return [r.describe() for r in (parse_uid_rule(t, what) for t in _split_rules(value))]
+    if kind == "strs":
+        return _split(value)
+    if kind == "family":
+        s = str(value).strip().lower()
+        if s not in ("dualstack", "ipv4"):
+            raise ConfigError(f"{what}: unknown ip family mode {value!r}; use dualstack or ipv4")
+        return s
+    if kind == "ip":
+        s = str(value).strip()
+        if s:
+            try:
+                ipaddress.ip_address(s)
+            except ValueError:
+                raise ConfigError(f"{what}: {s!r} is not an IP address") from None
+        return s
+    return "" if value is None else str(value)
+
+
+def _split_rules(value):
+    """uid rules contain commas inside an entry (ports lists), so entries are only split
+    on ';' (annotation style) or given as a list; a flag gives one entry per use."""
+    if isinstance(value, (list, tuple)):
+        out = []
+        for v in value:
+            out.extend(_split_rules(v))
+        return out
+    if value is None or str(value).strip() == "":
+        return []
+    return [p.strip() for p in str(value).split(";") if p.strip()]
+
+
+# ------------------------------------------------------------------------ the layers
+
+def defaults():
+    return {path: copy.deepcopy(default) for path, (default, _) in LEAVES.items()}
+
+
+def _flatten(doc, prefix="", where="config"):
+    """A nested config document -> {path: value}; unknown keys are reported, not dropped."""
+    out, unknown = {}, []
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of Kuma's keys "
+                          "(e.g. 'redirect: {outbound: {port: 15001}}')")
+    for key, val in doc.items():
+        path = f"{prefix}{key}"
+        if path in LEAVES:
+            out[path] = val
+        elif isinstance(val, dict) and any(p.startswith(path + ".") for p in LEAVES):
+            sub, unk = _flatten(val, path + ".", where)
+            out.update(sub)
+            unknown.extend(unk)
+        else:
+            unknown.append(path)
+    return out, unknown
+
+
+def read_config_file(name, stdin=None):
+    """Parse one --config source ('-' = stdin), YAML or JSON (JSON is YAML)."""
+    if name == "-":
+        text, where = (stdin or sys.stdin).read(), "config from stdin"
+    else:
+        where = f"config file {name}"
+        try:
+            with open(name) as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot read it ({e.strerror}); check the path") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{where}: does not parse as YAML or JSON{at}; fix the syntax") from None
+    return _flatten(doc or {}, where=where)
+
+
+def env_layer(environ):
+    out = {}
+    for name, value in environ.items():
+        if name in ENV_NAMES:
+            out[ENV_NAMES[name]] = value
+    return out
+
+
+@dataclasses.dataclass
+class Layers:
+    """The raw values of each layer, before validation."""
+    files: list = dataclasses.field(default_factory=list)   # [(name, {path: value})]
+    env: dict = dataclasses.field(default_factory=dict)
+    flags: dict = dataclasses.field(default_factory=dict)
+    warnings: list = dataclasses.field(default_factory=list)
+
+
+def merge(layers):
+    """defaults < files (in order) < env < flags, each value parsed for its key."""
+    values = defaults()
+    sources = [(f"config {n}", vals) for n, vals in layers.files]
+    sources += [("environment", layers.env), ("flags", layers.flags)]
+    for where, vals in sources:
+        for path, raw in vals.items():
+            kind = LEAVES[path][1]
+            label = _label(path, where)
+            values[path] = parse_leaf(kind, raw, label)
+    return values
+
+
+def _label(path, where):
+    if where == "environment":
+        return env_name(path)
+    if where == "flags":
+        return FLAG_FOR.get(path, path)
+    return f"{path} ({where})"
+
+
+# Kuma's flag for each key (for messages).
+FLAG_FOR = {
+    "kumaDPUser": "--kuma-dp-user",
+    "ipFamilyMode": "--ip-family-mode",
+    "redirect.inbound.enabled": "--redirect-inbound",
+    "redirect.inbound.port": "--redirect-inbound-port",
+    "redirect.inbound.excludePorts": "--exclude-inbound-ports",
+    "redirect.inbound.excludePortsForIPs": "--exclude-inbound-ips",
+    "redirect.outbound.port": "--redirect-outbound-port",
+    "redirect.outbound.excludePorts": "--exclude-outbound-ports",
+    "redirect.outbound.excludePortsForIPs": "--exclude-outbound-ips",
+    "redirect.outbound.excludePortsForUIDs": "--exclude-outbound-ports-for-uids",
+    "redirect.dns.enabled": "--redirect-dns",
+    "redirect.dns.captureAll": "--redirect-all-dns-traffic",
+    "redirect.dns.port": "--redirect-dns-port",
+    "redirect.vnet.networks": "--vnet",
+    "ebpf.enabled": "--ebpf-enabled",
+    "ebpf.instanceIP": "--ebpf-instance-ip",
+    "ebpf.bpffsPath": "--ebpf-bpffs-path",
+    "ebpf.cgroupPath": "--ebpf-cgroup-path",
+    "ebpf.tcAttachIface": "--ebpf-tc-attach-iface",
+    "ebpf.programsSourcePath": "--ebpf-programs-source-path",
+    "dryRun": "--dry-run",
+    "verbose": "--verbose",
+    "storeFirewalld": "--store-firewalld",
+}
+
+
+# ------------------------------------------------------------------- resolved settings
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """A validated configuration, ready to be written to the maps."""
+    name: str
+    dp_uid: int
+    dp_user: str
+    ipv6: bool
+    outbound_enabled: bool
+    outbound_port: int
+    inbound_port: int
+    outbound_include_ports: tuple
+    outbound_exclude_ports: tuple
+    outbound_exclude_ips: tuple
+    uid_rules: tuple
+    instance_ip4: str
+    instance_ip6: str
+    cgroup_path: str
+    bpffs_path: str
+    dry_run: bool
+    verbose: bool
+
+    def kuma_view(self):
+        """The configuration in Kuma's camelCase terms (status, dry-run, meta)."""
+        return {
+            "kumaDPUser": self.dp_user,
+            "ipFamilyMode": "dualstack" if self.ipv6 else "ipv4",
+            "redirect": {"outbound": {
+                "enabled": self.outbound_enabled,
+                "port": self.outbound_port,
+                "includePorts": list(self.outbound_include_ports),
+                "excludePorts": list(self.outbound_exclude_ports),
+                "excludePortsForIPs": list(self.outbound_exclude_ips),
+                "excludePortsForUIDs": [r.describe() for r in self.uid_rules],
+            }, "inbound": {"port": self.inbound_port}},
+            "ebpf": {"instanceIP": ",".join(x for x in (self.instance_ip4, self.instance_ip6) if x),
+                     "bpffsPath": self.bpffs_path, "cgroupPath": self.cgroup_path},
+        }
+
+
+def resolve_dp_user(value):
+    """Kuma: a name or a uid that exists; default uid 5678, else user kuma-dp."""
+    if value:
+        v = str(value).strip()
+        try:
+            if v.isdigit():
+                return int(v), pwd.getpwuid(int(v)).pw_name
+            ent = pwd.getpwnam(v)
+            return ent.pw_uid, ent.pw_name
+        except KeyError:
+            raise ConfigError(f"--kuma-dp-user: no user {v!r} on this host; give the name "
+                              "or uid the proxy (kuma-dp) runs as") from None
+    try:
+        return DEFAULT_DP_UID, pwd.getpwuid(DEFAULT_DP_UID).pw_name
+    except KeyError:
+        pass
+    try:
+        return pwd.getpwnam(DEFAULT_DP_USER).pw_uid, DEFAULT_DP_USER
+    except KeyError:
+        raise ConfigError(f"--kuma-dp-user: neither uid {DEFAULT_DP_UID} nor user "
+                          f"{DEFAULT_DP_USER!r} exists; pass --kuma-dp-user with the user "
+                          "the proxy runs as") from None
+
+
+def settings_from(values, name="default"):
+    """Validate merged values into Settings. Host facts (cgroup2, bpffs, instance IP) are
+    checked later by the install step; this only needs the user database."""
+    if not NAME_RE.match(name or ""):
+        raise ConfigError(f"--name: {name!r} is not a valid instance name; use lowercase "
+                          "letters, digits, '.', '_' or '-' (at most 63)")
+    for path, why in NOT_YET.items():
+        if values[path] != LEAVES[path][0]:
+            raise ConfigError(f"{FLAG_FOR.get(path, path)}: {why}; remove it (see "
+                              "docs/kuma-compatibility.md)")
+    if not values["ebpf.enabled"]:
+        raise ConfigError("--ebpf-enabled=false: this tool only does the eBPF mode; use "
+                          "kumactl install transparent-proxy for iptables")
+    dp_uid, dp_user = resolve_dp_user(values["kumaDPUser"])
+    rules = tuple(parse_uid_rule(t) for t in values["redirect.outbound.excludePortsForUIDs"])
+    if len(rules) > abi.TP_MAX_UID_RULES:
+        raise ConfigError(f"--exclude-outbound-ports-for-uids: {len(rules)} entries; at most "
+                          f"{abi.TP_MAX_UID_RULES} are supported, merge uid ranges")
+    if values["redirect.outbound.port"] == values["redirect.inbound.port"]:
+        raise ConfigError("--redirect-outbound-port and --redirect-inbound-port are both "
+                          f"{values['redirect.outbound.port']}; the proxy needs two listeners")
+    ip4 = ip6 = ""
+    if values["ebpf.instanceIP"]:
+        ip = ipaddress.ip_address(values["ebpf.instanceIP"])
+        ip4, ip6 = (str(ip), "") if ip.version == 4 else ("", str(ip))
+    return Settings(
+        name=name,
+        dp_uid=dp_uid,
+        dp_user=dp_user,
+        ipv6=values["ipFamilyMode"] == "dualstack",
+        outbound_enabled=values["redirect.outbound.enabled"],
+        outbound_port=values["redirect.outbound.port"],
+        inbound_port=values["redirect.inbound.port"],
+        outbound_include_ports=tuple(values["redirect.outbound.includePorts"]),
+        outbound_exclude_ports=tuple(values["redirect.outbound.excludePorts"]),
+        outbound_exclude_ips=tuple(values["redirect.outbound.excludePortsForIPs"]),
+        uid_rules=rules,
+        instance_ip4=ip4,
+        instance_ip6=ip6,
+        cgroup_path=values["ebpf.cgroupPath"],
+        bpffs_path=values["ebpf.bpffsPath"],
+        dry_run=values["dryRun"],
+        verbose=values["verbose"],
+    )
+
+
+def load(config_sources=(), environ=None, flags=None, name="default", stdin=None):
+    """All layers -> (Settings, warnings). config_sources: --config values (each may be a
+    comma list)."""
+    layers = Layers(env=env_layer(os.environ if environ is None else environ),
+                    flags=dict(flags or {}))
+    for src in config_sources:
+        for part in _split(src):
+            vals, unknown = read_config_file(part, stdin=stdin)
+            layers.files.append((part, vals))
+            layers.warnings += [f"config {part}: unknown key {k!r} ignored (Kuma ignores it "
+                                "too; check the spelling)" for k in unknown]
+    return settings_from(merge(layers), name=name), layers.warnings
+
+
+def dump_json(obj):
+    return json.dumps(obj, indent=2, sort_keys=True)

@@ -1,0 +1,416 @@
+"""An instance's lifecycle: install (and upgrade in place), status, uninstall.
+
+Everything an instance owns lives under <bpffs>/ebpf-tproxy/<name>/:
+    maps-v<ABI>/   the pinned maps (configuration, connection table, counters, meta)
+    links/         one pinned BPF link per hook
+Nothing else is kept anywhere, so `status` and `uninstall` find all of it from any
+process on the host, and removing that directory (after detaching the links) leaves
+nothing behind.
+
+Install order, so that no connection escapes capture during an upgrade:
+  1. compile and verify the new programs against the existing maps;
+  2. write the new configuration into the inactive generation;
+  3. swap each link to its new program (bpf_link_update: atomic per hook), or create and
+     pin it on a first install;
+  4. flip tp_active to the new generation, then clear the old one.
+A failure before step 3 changes nothing the programs read; a first install that fails
+anywhere is rolled back completely.
+"""
+import contextlib
+import ctypes as ct
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+import time
+
+from . import __version__, abi, bpfsys, kernel, netinfo, programs
+from .config import Settings
+
+ROOT_DIR = "ebpf-tproxy"
+LOCK_PATH = "/run/ebpf-tproxy.lock"
+MOUNT_MARKER_DIR = "/run/ebpf-tproxy"
+
+
+class InstallError(RuntimeError):
+    """Install could not complete; the message is one line with cause and fix."""
+
+
+@dataclasses.dataclass
+class Paths:
+    bpffs: str
+    name: str
+
+    @property
+    def instance(self):
+        return os.path.join(self.bpffs, ROOT_DIR, self.name)
+
+    @property
+    def maps(self):
+        return os.path.join(self.instance, f"maps-v{abi.TP_ABI_VERSION}")
+
+    @property
+    def links(self):
+        return os.path.join(self.instance, "links")
+
+    def link(self, prog_name):
+        return os.path.join(self.links, prog_name)
+
+    def map(self, map_name):
+        return os.path.join(self.maps, map_name)
+
+
+@contextlib.contextmanager
+def host_lock():
+    """One install/uninstall at a time on a host."""
+    os.makedirs(os.path.dirname(LOCK_PATH), exist_ok=True)
+    with open(LOCK_PATH, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _log(progress, msg):
+    if progress:
+        progress(msg)
+
+
+# ------------------------------------------------------------------------- the plan
+
+def plan(settings: Settings, local_nets, instance_ips, cgroup_path, netns_cookie):
+    """Everything install would write, as data (printed by --dry-run, stored as meta)."""
+    ip4 = settings.instance_ip4 or instance_ips[0]
+    ip6 = settings.instance_ip6 or instance_ips[1]
+    return {
+        "name": settings.name,
+        "version": __version__,
+        "abi": abi.TP_ABI_VERSION,
+        "cgroup": cgroup_path,
+        "bpffs": settings.bpffs_path,
+        "netns_cookie": netns_cookie,
+        "instance_ip4": ip4,
+        "instance_ip6": ip6 if settings.ipv6 else "",
+        "local_networks": list(local_nets),
+        "dp_uid": settings.dp_uid,
+        "config": settings.kuma_view(),
+        "programs": [{"name": p.name, "hook": p.hook, "attach": cgroup_path}
+                     for p in programs.PROGRAMS],
+        "inbound_capture": "not implemented in this version (connections from other hosts "
+                           "reach the application directly)",
+    }
+
+
+def _config_struct(settings, p):
+    flags = 0
+    if settings.outbound_enabled:
+        flags |= abi.TP_F_OUTBOUND
+    if settings.ipv6:
+        flags |= abi.TP_F_IPV6
+    if settings.outbound_include_ports:
+        flags |= abi.TP_F_OUT_INCLUDE
+    cfg = abi.TpConfig(flags=flags, dp_uid=settings.dp_uid,
+                       outbound_port=settings.outbound_port,
+                       inbound_port=settings.inbound_port,
+                       n_uid_rules=len(settings.uid_rules),
+                       netns_cookie=p["netns_cookie"])
+    if p["instance_ip4"]:
+        cfg.instance_ip4 = abi.addr16(p["instance_ip4"])
+    if p["instance_ip6"]:
+        cfg.instance_ip6 = abi.addr16(p["instance_ip6"])
+    return cfg
+
+
+class Maps:
+    """The instance's pinned maps, opened from userspace."""
+
+    def __init__(self, paths):
+        def m(name, k, v, percpu=False):
+            return bpfsys.PinnedMap(paths.map(name), k, v, percpu)
+        self.active = m("tp_active", ct.c_uint32, ct.c_uint32)
+        self.config = m("tp_config", ct.c_uint32, abi.TpConfig)
+        self.uid_rules = m("tp_uid_rules", ct.c_uint32, abi.TpUidRule)
+        self.ports = m("tp_ports", abi.TpPortKey, ct.c_uint8)
+        self.cidrs = m("tp_cidrs", abi.TpCidrKey, ct.c_uint8)
+        self.conns = m("tp_conns", abi.TpConnKey, abi.TpConn)
+        self.counters = m("tp_counters", ct.c_uint32, ct.c_uint64, percpu=True)
+        self.meta = m("tp_meta", ct.c_uint32, abi.TpMeta)
+
+    def close(self):
+        for v in vars(self).values():
+            v.close()
+
+    def active_gen(self):
+        return self.active.lookup(ct.c_uint32(0)).value & 1
+
+    def clear_gen(self, gen):
+        for k in self.ports.keys():
+            if k.gen == gen:
+                self.ports.delete(k)
+        for k in self.cidrs.keys():
+            if k.gen == gen:
+                self.cidrs.delete(k)
+        empty = abi.TpUidRule()
+        for i in range(abi.TP_MAX_UID_RULES):
+            self.uid_rules.update(ct.c_uint32(gen * abi.TP_MAX_UID_RULES + i), empty)
+        self.config.update(ct.c_uint32(gen), abi.TpConfig())
+
+    def write_gen(self, gen, settings, p):
+        one = ct.c_uint8(1)
+        for port in settings.outbound_exclude_ports:
+            self.ports.update(abi.TpPortKey(gen, abi.TP_PORT_EXCLUDE_OUT, port), one)
+        for port in settings.outbound_include_ports:
+            self.ports.update(abi.TpPortKey(gen, abi.TP_PORT_INCLUDE_OUT, port), one)
+        for net in settings.outbound_exclude_ips:
+            self.cidrs.update(abi.cidr_key(gen, abi.TP_CIDR_EXCLUDE_OUT, net), one)
+        for net in p["local_networks"]:
+            self.cidrs.update(abi.cidr_key(gen, abi.TP_CIDR_LOCAL, net), one)
+        for i, r in enumerate(settings.uid_rules):
+            rule = abi.TpUidRule(uid_lo=r.uid_lo, uid_hi=r.uid_hi, protos=r.protos,
+                                 n_ranges=len(r.ports))
+            for j, (lo, hi) in enumerate(r.ports):
+                rule.ranges[j] = abi.TpPortRange(lo, hi)
+            self.uid_rules.update(ct.c_uint32(gen * abi.TP_MAX_UID_RULES + i), rule)
+        self.config.update(ct.c_uint32(gen), _config_struct(settings, p))
+
+    def flip(self, gen):
+        self.active.update(ct.c_uint32(0), ct.c_uint32(gen))
+
+    def write_meta(self, p):
+        raw = json.dumps(p, separators=(",", ":")).encode()
+        if len(raw) > abi.TP_META_SIZE:
+            # Keep the essentials; the local network list is the only unbounded part.
+            p = dict(p, local_networks=p["local_networks"][:8] + ["..."])
+            raw = json.dumps(p, separators=(",", ":")).encode()[:abi.TP_META_SIZE]
+        self.meta.update(ct.c_uint32(0), abi.TpMeta(len(raw), raw))
+
+    def read_meta(self):
+        m = self.meta.lookup(ct.c_uint32(0))
+        if not m or not m.len:
+            return None
+        return json.loads(bytes(m.json[:m.len]).decode())
+
+    def counters_total(self):
+        out = {}
+        for i, (_, name) in enumerate(abi.REASONS):
+            vals = self.counters.lookup(ct.c_uint32(i))
+            out[name] = sum(v for v in vals) if vals is not None else 0
+        return out
+
+
+# ------------------------------------------------------------------------- install
+
+def install(settings: Settings, cgroup_path, progress=None):
+    """Install or update in place. Returns the plan that is now in force."""
+    paths = Paths(settings.bpffs_path, settings.name)
+    mounted = kernel.ensure_bpffs(settings.bpffs_path)
+    if mounted:
+        os.makedirs(MOUNT_MARKER_DIR, exist_ok=True)
+        open(_mount_marker(settings.bpffs_path), "w").close()
+    p = plan(settings, netinfo.local_networks(), netinfo.default_instance_ips(), cgroup_path,
+             bpfsys.netns_cookie())
+    with host_lock():
+        fresh = not os.path.isdir(paths.instance)
+        existing = _read_meta_quiet(paths)
+        if existing and existing.get("cgroup") != cgroup_path:
+            raise InstallError(
+                f"instance {settings.name!r} is attached to {existing.get('cgroup')}; "
+                f"uninstall it first or choose another --name for {cgroup_path}")
+        try:
+            _install_locked(settings, cgroup_path, paths, p, progress)
+        except BaseException:
+            if fresh:
+                _log(progress, "install failed: rolling back")
+                _remove_instance(paths)
+                _maybe_unmount(settings.bpffs_path)
+            raise
+    return p
+
+
+def _install_locked(settings, cgroup_path, paths, p, progress):
+    os.makedirs(paths.maps, exist_ok=True)
+    os.makedirs(paths.links, exist_ok=True)
+    _log(progress, "compiling the BPF programs (BCC)")
+    bpf = programs.compile_programs(paths.maps)
+    maps = Maps(paths)
+    cg_fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        loaded = []
+        for prog in programs.PROGRAMS:
+            try:
+                loaded.append((prog, programs.load(bpf, prog)))
+            except Exception as e:
+                if prog.required:
+                    raise InstallError(f"the kernel refused {prog.hook}: "
+                                       f"{str(e).splitlines()[0]}; run 'ebpf-tproxy check'")
+                _log(progress, f"warning: {prog.hook} unavailable, so {prog.missing_means}")
+        active = maps.active_gen()
+        new = active ^ 1
+        _log(progress, f"writing configuration generation {new}")
+        maps.clear_gen(new)
+        maps.write_gen(new, settings, p)
+        for prog, fd in loaded:
+            pin = paths.link(prog.name)
+            if os.path.exists(pin):
+                link_fd = bpfsys.obj_get(pin)
+                try:
+                    bpfsys.link_update(link_fd, fd)
+                finally:
+                    os.close(link_fd)
+                _log(progress, f"updated {prog.hook} in place")
+            else:
+                link_fd = bpfsys.link_create(fd, cg_fd, prog.attach_type)
+                try:
+                    bpfsys.obj_pin(link_fd, pin)
+                finally:
+                    os.close(link_fd)
+                _log(progress, f"attached {prog.hook} to {cgroup_path}")
+        maps.flip(new)
+        maps.clear_gen(active)
+        maps.write_meta(dict(p, installed_at=int(time.time()),
+                             programs=[dict(name=pr.name, hook=pr.hook) for pr, _ in loaded]))
+    finally:
+        os.close(cg_fd)
+        maps.close()
+        bpf.cleanup()
+
+
+def _read_meta_quiet(paths):
+    try:
+        maps = Maps(paths)
+    except OSError:
+        return None
+    try:
+        return maps.read_meta()
+    except (OSError, ValueError):
+        return None
+    finally:
+        maps.close()
+
+
+# ------------------------------------------------------------------------- uninstall
+
+def _remove_instance(paths):
+    """Detach every link, then remove every pin and directory of the instance."""
+    removed = []
+    if os.path.isdir(paths.links):
+        for name in sorted(os.listdir(paths.links)):
+            pin = os.path.join(paths.links, name)
+            try:
+                fd = bpfsys.obj_get(pin)
+                try:
+                    # Detach now, even if some process still holds the link open.
+                    bpfsys.link_detach(fd)
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass
+            os.unlink(pin)
+            removed.append(f"link {name}")
+    if os.path.isdir(paths.instance):
+        shutil.rmtree(paths.instance)
+        removed.append(paths.instance)
+    root = os.path.dirname(paths.instance)
+    with contextlib.suppress(OSError):
+        os.rmdir(root)   # only if no other instance is left
+    return removed
+
+
+def _mount_marker(bpffs):
+    return os.path.join(MOUNT_MARKER_DIR, "mounted-" + bpffs.strip("/").replace("/", "_"))
+
+
+def _maybe_unmount(bpffs):
+    """Unmount a bpffs that install mounted, once nothing of ours (or anyone's) is in it."""
+    marker = _mount_marker(bpffs)
+    if not os.path.exists(marker) or not kernel.is_bpffs(bpffs):
+        return False
+    # maps.debug / progs.debug are the kernel's own preloaded iterators, not pins.
+    if set(os.listdir(bpffs)) - {"maps.debug", "progs.debug"}:
+        return False
+    kernel.unmount(bpffs)
+    os.unlink(marker)
+    with contextlib.suppress(OSError):
+        os.rmdir(MOUNT_MARKER_DIR)
+    return True
+
+
+def uninstall(bpffs, name):
+    """Remove the instance. Returns what was removed (empty if there was nothing)."""
+    paths = Paths(bpffs, name)
+    if not kernel.is_bpffs(bpffs):
+        return []
+    with host_lock():
+        removed = _remove_instance(paths)
+        if _maybe_unmount(bpffs):
+            removed.append(f"bpffs mount at {bpffs} (mounted by install)")
+    return removed
+
+
+# ------------------------------------------------------------------------- status
+
+def list_instances(bpffs):
+    root = os.path.join(bpffs, ROOT_DIR)
+    if not kernel.is_bpffs(bpffs) or not os.path.isdir(root):
+        return []
+    return sorted(os.listdir(root))
+
+
+class _LinkInfo(ct.Structure):
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("prog_id", ct.c_uint32),
+                ("pad", ct.c_uint32), ("cgroup_id", ct.c_uint64), ("attach_type", ct.c_uint32),
+                ("rest", ct.c_uint8 * 64)]
+
+
+def _link_info(pin):
+    fd = bpfsys.obj_get(pin)
+    try:
+        info = _LinkInfo()
+        ln = ct.c_uint32(ct.sizeof(info))
+        lib = bpfsys.libbpf()
+        lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+        if lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(ln)) != 0:
+            return {"pin": pin}
+        return {"link_id": info.id, "prog_id": info.prog_id, "cgroup_id": info.cgroup_id,
+                "attach_type": info.attach_type}
+    finally:
+        os.close(fd)
+
+
+def status(bpffs, name=None):
+    """[{name, meta, links, counters, tracked_connections, problems}] for each instance."""
+    out = []
+    for inst in list_instances(bpffs):
+        if name and inst != name:
+            continue
+        paths = Paths(bpffs, inst)
+        entry = {"name": inst, "problems": [], "links": {}}
+        try:
+            maps = Maps(paths)
+        except OSError as e:
+            entry["problems"].append(f"maps unreadable ({e}); reinstall or uninstall")
+            out.append(entry)
+            continue
+        try:
+            entry["meta"] = maps.read_meta()
+            entry["counters"] = maps.counters_total()
+            entry["tracked_connections"] = len(maps.conns.keys())
+            entry["active_generation"] = maps.active_gen()
+        finally:
+            maps.close()
+        if entry["meta"] is None:
+            entry["problems"].append("install did not finish; run install again or uninstall")
+        if os.path.isdir(paths.links):
+            for ln in sorted(os.listdir(paths.links)):
+                try:
+                    entry["links"][ln] = _link_info(paths.link(ln))
+                except OSError as e:
+                    entry["problems"].append(f"link {ln}: {e}")
+        expected = {p["name"] for p in (entry["meta"] or {}).get("programs", [])}
+        for missing in sorted(expected - set(entry["links"])):
+            entry["problems"].append(f"link {missing} missing; run install again")
+        out.append(entry)
+    return out
+

@@ -1,0 +1,163 @@
+"""Facts about the running kernel and host, and the prerequisite checks behind `check`.
+
+Every check returns a Check(name, ok, detail, fix). Features are decided by probing
+(loading a tiny program per hook), never by version number: distribution kernels
+backport. The version floor (5.7: BPF links for cgroups) is the one exception, checked
+first so that an old kernel gets a clear refusal instead of a verifier message.
+"""
+import ctypes as ct
+import dataclasses
+import os
+import platform
+import re
+
+CGROUP2_SUPER_MAGIC = 0x63677270
+BPF_FS_MAGIC = 0xCAFE4A11
+MIN_KERNEL = (5, 7)
+
+# Capabilities (linux/capability.h)
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
+
+
+@dataclasses.dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+
+class HostError(RuntimeError):
+    """The host cannot do what was asked: one line naming the cause and the fix."""
+
+
+def kernel_version(release=None):
+    release = release or platform.release()
+    m = re.match(r"(\d+)\.(\d+)", release)
+    if not m:
+        raise HostError(f"cannot read the kernel version from {release!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def check_kernel_version(release=None):
+    release = release or platform.release()
+    ver = kernel_version(release)
+    ok = ver >= MIN_KERNEL
+    return Check("kernel >= 5.7", ok, f"running {release}",
+                 "" if ok else "cgroup BPF links need Linux 5.7 or newer: upgrade the kernel, "
+                 "or use kumactl install transparent-proxy (iptables)")
+
+
+def _statfs_type(path):
+    class StatFs(ct.Structure):
+        _fields_ = [("f_type", ct.c_long), ("rest", ct.c_long * 15)]
+    libc = ct.CDLL(None, use_errno=True)
+    buf = StatFs()
+    if libc.statfs(os.fsencode(path), ct.byref(buf)) != 0:
+        return None
+    return buf.f_type & 0xFFFFFFFF
+
+
+def mounts(fstype, mountinfo="/proc/self/mounts"):
+    out = []
+    with open(mountinfo) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and parts[2] == fstype:
+                out.append(parts[1].replace("\\040", " "))
+    return out
+
+
+def cgroup2_mount():
+    found = mounts("cgroup2")
+    return found[0] if found else None
+
+
+def is_cgroup2(path):
+    return os.path.isdir(path) and _statfs_type(path) == CGROUP2_SUPER_MAGIC
+
+
+def is_bpffs(path):
+    return os.path.isdir(path) and _statfs_type(path) == BPF_FS_MAGIC
+
+
+def check_cgroup2(path=None):
+    root = cgroup2_mount()
+    if root is None:
+        return Check("cgroup2 mounted", False, "no cgroup2 mount in /proc/self/mounts",
+                     "mount it: mount -t cgroup2 none /sys/fs/cgroup/unified")
+    if path and not is_cgroup2(path):
+        return Check("cgroup2 path", False, f"{path} is not a directory in a cgroup2 mount",
+                     f"pass --ebpf-cgroup-path under {root}")
+    return Check("cgroup2 mounted", True, f"at {root}" + (f", target {path}" if path else ""))
+
+
+def check_bpffs(path):
+    if is_bpffs(path):
+        return Check("bpffs", True, f"mounted at {path}")
+    if os.path.isdir(path):
+        return Check("bpffs", True, f"not mounted at {path}; install mounts it",
+                     f"or mount it yourself: mount -t bpf bpf {path}")
+    return Check("bpffs", False, f"{path} is not a directory",
+                 "pass --ebpf-bpffs-path with a bpffs mount point")
+
+
+def _effective_caps():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def check_privileges():
+    caps = _effective_caps()
+    need = {"CAP_BPF": CAP_BPF, "CAP_NET_ADMIN": CAP_NET_ADMIN, "CAP_SYS_ADMIN": CAP_SYS_ADMIN}
+    missing = [n for n, bit in need.items() if not caps & (1 << bit)]
+    if os.geteuid() == 0 and not missing:
+        return Check("privileges", True, "root")
+    if not missing:
+        return Check("privileges", True, "CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN")
+    return Check("privileges", False, f"missing {', '.join(missing)}",
+                 "run as root (sudo ebpf-tproxy ...)")
+
+
+def check_bcc():
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return Check("bcc (python3-bpfcc)", False, "import bcc failed",
+                     "apt-get install python3-bpfcc, and run from a venv made with "
+                     "--system-site-packages (the PyPI package 'bcc' is unrelated)")
+    return Check("bcc (python3-bpfcc)", True, "importable")
+
+
+def check_headers():
+    rel = platform.release()
+    build = f"/lib/modules/{rel}/build"
+    if os.path.exists(os.path.join(build, "include")) or os.path.exists(
+            os.path.join(build, "Makefile")):
+        return Check("kernel headers", True, f"{build} -> {os.path.realpath(build)}")
+    return Check("kernel headers", False, f"{build} missing",
+                 "make setup links the distribution's headers there (BCC compiles with them)")
+
+
+def ensure_bpffs(path):
+    """Mount bpffs at path if it is not one yet. Returns True if this call mounted it."""
+    if is_bpffs(path):
+        return False
+    if not os.path.isdir(path):
+        raise HostError(f"--ebpf-bpffs-path: {path} is not a directory; pass a bpffs mount "
+                        "point (default /sys/fs/bpf)")
+    libc = ct.CDLL(None, use_errno=True)
+    if libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, None) != 0:
+        err = ct.get_errno()
+        raise HostError(f"cannot mount bpffs at {path}: {os.strerror(err)}; mount it with "
+                        f"'mount -t bpf bpf {path}'")
+    return True
+
+
+def unmount(path):
+    libc = ct.CDLL(None, use_errno=True)
+    libc.umount2(os.fsencode(path), 0)

@@ -1,0 +1,195 @@
+"""A lab for the demo and the kernel tests: two network namespaces joined by veth, a child
+cgroup for the application and its proxy, and a private bpffs for the pins.
+
+    app ns     198.18.0.1/24  fd00:7470::1/64   (the pod: application + proxy, in the cgroup)
+    remote ns  198.18.0.2/24  fd00:7470::2/64   (another host)
+
+Addresses are from the benchmarking range 198.18.0.0/15 and a ULA prefix: only lab hosts.
+Processes join the cgroup before they enter the netns (`ip netns exec` would remount /sys
+and hide the cgroup2 mount), through nsenter, which keeps the mounts. Everything the lab
+made is removed by close(), also after a failure: processes killed, cgroup removed,
+namespaces deleted, bpffs unmounted.
+"""
+import ipaddress
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+from . import kernel
+
+APP_IP4, REMOTE_IP4 = "198.18.0.1", "198.18.0.2"
+APP_IP6, REMOTE_IP6 = "fd00:7470::1", "fd00:7470::2"
+PYTHON = sys.executable
+PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sh(*cmd, check=True, **kw):
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, **kw)
+
+
+class Lab:
+    def __init__(self, tag="lab"):
+        self.id = f"{tag}-{uuid.uuid4().hex[:6]}"
+        self.app_ns = f"tp-{self.id}-app"
+        self.remote_ns = f"tp-{self.id}-rem"
+        root = kernel.cgroup2_mount()
+        if root is None:
+            raise RuntimeError("no cgroup2 mount: the lab needs one")
+        self.cgroup = os.path.join(root, f"ebpf-tproxy-{self.id}")
+        self.bpffs = None
+        self.procs = []
+        self.veth = ("tpa" + self.id[-6:], "tpr" + self.id[-6:])
+
+    # ------------------------------------------------------------------ build
+    def open(self):
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __enter__(self):
+        return self.open()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _build(self):
+        for ns in (self.app_ns, self.remote_ns):
+            sh("ip", "netns", "add", ns)
+            self.ip(ns, "link", "set", "lo", "up")
+        a, r = self.veth
+        sh("ip", "link", "add", a, "netns", self.app_ns, "type", "veth",
+           "peer", "name", r, "netns", self.remote_ns)
+        for ns, dev, ip4, ip6 in ((self.app_ns, a, APP_IP4, APP_IP6),
+                                  (self.remote_ns, r, REMOTE_IP4, REMOTE_IP6)):
+            self.ip(ns, "addr", "add", f"{ip4}/24", "dev", dev)
+            self.ip(ns, "-6", "addr", "add", f"{ip6}/64", "dev", dev, "nodad")
+            self.ip(ns, "link", "set", dev, "up")
+        os.mkdir(self.cgroup)
+        self.bpffs = tempfile.mkdtemp(prefix="tp-bpffs-")
+        sh("mount", "-t", "bpf", "bpf", self.bpffs)
+
+    def ip(self, ns, *args):
+        return sh("ip", "-n", ns, *args)
+
+    # ------------------------------------------------------------------ run
+    def command(self, argv, ns=None, user=None, in_cgroup=True):
+        """argv wrapped to run in the netns (and as user), for Popen(preexec_fn=...)."""
+        ns = ns or self.app_ns
+        wrapped = ["nsenter", f"--net=/run/netns/{ns}"]
+        if user is not None:
+            wrapped += ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
+        return wrapped + list(argv)
+
+    def _preexec(self, in_cgroup):
+        cg = self.cgroup
+
+        def join():
+            os.setsid()
+            if in_cgroup:
+                with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+                    f.write("0")
+        return join
+
+    def spawn(self, argv, ns=None, user=None, in_cgroup=True, ready=b"ready", **kw):
+        """Start a long-running lab process; wait for its 'ready' line."""
+        p = subprocess.Popen(self.command(argv, ns, user), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, preexec_fn=self._preexec(in_cgroup),
+                             env=self.env(), **kw)
+        self.procs.append(p)
+        if ready:
+            line = p.stdout.readline()
+            if ready not in line:
+                err = p.stderr.read1(4096) if p.poll() is not None else b""
+                raise RuntimeError(f"{argv} did not start: {line!r} {err!r}")
+        return p
+
+    def run(self, argv, ns=None, user=None, in_cgroup=True, timeout=120, check=False):
+        return subprocess.run(self.command(argv, ns, user), capture_output=True, text=True,
+                              preexec_fn=self._preexec(in_cgroup), timeout=timeout,
+                              env=self.env(), check=check)
+
+    def env(self):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = PROJECT_DIR + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def py(self, *args, **kw):
+        """Run `python -m loader.labservers ARGS` in the lab."""
+        return self.run([PYTHON, "-m", "loader.labservers", *args], **kw)
+
+    def tproxy(self, *args, netns=True, **kw):
+        """Run the ebpf-tproxy CLI from the host, aimed at the lab (app netns, cgroup, bpffs)."""
+        argv = [PYTHON, "-m", "loader.cli", *args]
+        if netns and args and args[0] == "install":
+            argv += ["--netns", self.app_ns]
+        if args and args[0] in ("install", "status", "uninstall") and \
+                not any(a.startswith("--ebpf-bpffs-path") for a in args):
+            argv += ["--ebpf-bpffs-path", self.bpffs]
+        if args and args[0] == "install" and \
+                not any(a.startswith("--ebpf-cgroup-path") for a in args):
+            argv += ["--ebpf-cgroup-path", self.cgroup]
+        return subprocess.run(argv, capture_output=True, text=True, env=self.env(),
+                              timeout=kw.pop("timeout", 120), **kw)
+
+    # ------------------------------------------------------------------ teardown
+    def close(self):
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            p.wait()
+            for f in (p.stdout, p.stderr):
+                if f:
+                    f.close()
+        self.procs = []
+        self._kill_cgroup()
+        if self.bpffs:
+            if kernel.is_bpffs(self.bpffs):
+                # Detach whatever an aborted test left attached, then drop the mount.
+                from . import instance
+                for name in instance.list_instances(self.bpffs):
+                    instance.uninstall(self.bpffs, name)
+                sh("umount", self.bpffs, check=False)
+            shutil.rmtree(self.bpffs, ignore_errors=True)
+            self.bpffs = None
+        for ns in (self.app_ns, self.remote_ns):
+            sh("ip", "netns", "del", ns, check=False)
+
+    def _kill_cgroup(self):
+        if not os.path.isdir(self.cgroup):
+            return
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with open(os.path.join(self.cgroup, "cgroup.procs")) as f:
+                    pids = [int(x) for x in f.read().split()]
+            except FileNotFoundError:
+                return
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)   # polling for the kernel to reap the killed processes
+        try:
+            os.rmdir(self.cgroup)
+        except OSError:
+            pass
+
+
+def is_lab_address(addr):
+    ip = ipaddress.ip_address(addr)
+    return ip in ipaddress.ip_network("198.18.0.0/15") or \
+        ip in ipaddress.ip_network("fd00:7470::/64") or ip.is_loopback

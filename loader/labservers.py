@@ -1,0 +1,214 @@
+"""Small network programs for the lab (demo and tests), run inside lab namespaces.
+
+    python -m loader.labservers listen TAG:PORT [TAG:PORT ...]
+        Dual-stack listeners. Each accepted connection gets one line back:
+        "<TAG> orig=<SO_ORIGINAL_DST or -> peer=<client> local=<our address>", then close.
+        This is what the rule tests use to see which listener a connection reached.
+    python -m loader.labservers proxy --port 15001 [--log FILE]
+        A small transparent proxy: reads SO_ORIGINAL_DST, logs it, forwards the bytes.
+        A missing answer is logged loudly and the connection dropped: never a loop to itself.
+    python -m loader.labservers connect HOST PORT [--bind ADDR] [--count N]
+        Connect, print the line received (or REFUSED / the error), or with --count N
+        make N connections and print one summary line of JSON.
+    python -m loader.labservers validator [--ipv6]
+        Kuma's transparent-proxy validator: listen on 127.0.0.1:15006 (::1), connect from
+        127.0.0.1 to 127.0.0.6:<20000-29999> (::6), succeed only if it lands there.
+"""
+import argparse
+import ipaddress
+import json
+import random
+import selectors
+import socket
+import sys
+import threading
+import time
+
+SO_ORIGINAL_DST = 80
+SOL_IPV6 = 41
+
+
+def original_dst(sock):
+    """The proxy's view: getsockopt(SO_ORIGINAL_DST) in the family the connection is."""
+    peer = sock.getpeername()
+    v4 = sock.family == socket.AF_INET or ipaddress.ip_address(peer[0]).version == 4 or \
+        ipaddress.IPv6Address(peer[0]).ipv4_mapped is not None
+    try:
+        if v4:
+            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+            port = int.from_bytes(raw[2:4], "big")
+            return f"{socket.inet_ntop(socket.AF_INET, raw[4:8])}:{port}"
+        raw = sock.getsockopt(SOL_IPV6, SO_ORIGINAL_DST, 28)
+        port = int.from_bytes(raw[2:4], "big")
+        return f"[{socket.inet_ntop(socket.AF_INET6, raw[8:24])}]:{port}"
+    except OSError:
+        return None
+
+
+def fmt(addr):
+    host, port = addr[0], addr[1]
+    ip = ipaddress.ip_address(host)
+    if ip.version == 6 and ip.ipv4_mapped:
+        host = str(ip.ipv4_mapped)
+    elif ip.version == 6:
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def dual_stack_listener(port, host="::"):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind((host, port))
+    s.listen(4096)
+    return s
+
+
+def cmd_listen(args):
+    sel = selectors.DefaultSelector()
+    for spec in args.specs:
+        tag, _, port = spec.rpartition(":")
+        s = dual_stack_listener(int(port))
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, tag)
+    print("ready", flush=True)
+    while True:
+        for key, _ in sel.select():
+            try:
+                conn, _ = key.fileobj.accept()
+            except BlockingIOError:
+                continue
+            with conn:
+                orig = original_dst(conn) or "-"
+                line = f"{key.data} orig={orig} peer={fmt(conn.getpeername())} " \
+                       f"local={fmt(conn.getsockname())}\n"
+                conn.setblocking(True)
+                try:
+                    conn.sendall(line.encode())
+                except OSError:
+                    pass
+
+
+def _pipe(a, b):
+    try:
+        while True:
+            data = a.recv(65536)
+            if not data:
+                break
+            b.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def cmd_proxy(args):
+    log = open(args.log, "a", buffering=1) if args.log else sys.stdout
+    srv = dual_stack_listener(args.port)
+    print("ready", flush=True)
+    while True:
+        conn, peer = srv.accept()
+        orig = original_dst(conn)
+        if orig is None:
+            log.write(f"PROXY ERROR: no SO_ORIGINAL_DST for {fmt(peer)}; dropped "
+                      "(a proxy without it would connect to itself)\n")
+            conn.close()
+            continue
+        log.write(f"proxy: {fmt(peer)} -> original destination {orig}\n")
+        host, _, port = orig.rpartition(":")
+        try:
+            up = socket.create_connection((host.strip("[]"), int(port)), timeout=5)
+        except OSError as e:
+            log.write(f"proxy: upstream {orig} failed: {e}\n")
+            conn.close()
+            continue
+        for a, b in ((conn, up), (up, conn)):
+            threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+
+
+def connect_once(host, port, bind=None, timeout=5.0):
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        if bind:
+            s.bind((bind, 0))
+        s.connect((host, port))
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return data.decode().strip(), fmt(s.getpeername())
+    except ConnectionRefusedError:
+        return "REFUSED", None
+    except OSError as e:
+        return f"ERROR {e.strerror or e}", None
+    finally:
+        s.close()
+
+
+def cmd_connect(args):
+    if args.count:
+        results, start = {}, time.monotonic()
+        for _ in range(args.count):
+            line, _ = connect_once(args.host, args.port, args.bind)
+            results[line] = results.get(line, 0) + 1
+        print(json.dumps({"results": results, "seconds": time.monotonic() - start}))
+        return
+    line, peer = connect_once(args.host, args.port, args.bind)
+    print(json.dumps({"line": line, "getpeername": peer}))
+
+
+def cmd_validator(args):
+    lo, passthrough = ("::1", "::6") if args.ipv6 else ("127.0.0.1", "127.0.0.6")
+    fam = socket.AF_INET6 if args.ipv6 else socket.AF_INET
+    srv = socket.socket(fam, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((lo, 15006))
+    srv.listen(8)
+    srv.settimeout(5)
+    port = random.randint(20000, 29999)
+    line, _ = "", None
+    c = socket.socket(fam, socket.SOCK_STREAM)
+    c.settimeout(5)
+    try:
+        c.bind((lo, 0))
+        c.connect((passthrough, port))
+        conn, _ = srv.accept()
+        conn.sendall(b"validator-ok")
+        conn.close()
+        line = c.recv(64).decode()
+    except OSError as e:
+        line = f"failed: {e}"
+    print(json.dumps({"ok": line == "validator-ok", "port": port, "detail": line}))
+    sys.exit(0 if line == "validator-ok" else 1)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m loader.labservers")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("listen")
+    p.add_argument("specs", nargs="+")
+    p = sub.add_parser("proxy")
+    p.add_argument("--port", type=int, default=15001)
+    p.add_argument("--log")
+    p = sub.add_parser("connect")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--bind")
+    p.add_argument("--count", type=int, default=0)
+    p = sub.add_parser("validator")
+    p.add_argument("--ipv6", action="store_true")
+    args = ap.parse_args(argv)
+    {"listen": cmd_listen, "proxy": cmd_proxy, "connect": cmd_connect,
+     "validator": cmd_validator}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""What the network namespace looks like, read over netlink (pyroute2).
+
+"Local address" in Kuma's rules is iptables' `-o lo`: the route to the destination goes
+through loopback, i.e. the destination is in the kernel's local routing table (table 255,
+route type "local"). That table lists every address of the namespace, every 127/8 address
+and ::1, which is exactly the set the BPF programs need.
+"""
+import ipaddress
+
+from pyroute2 import IPRoute
+
+RT_TABLE_LOCAL = 255
+RTN_LOCAL = 2
+
+
+def local_networks():
+    """The destinations routed to loopback, as CIDR strings (both families)."""
+    nets = set()
+    with IPRoute() as ipr:
+        for family in (2, 10):
+            for r in ipr.get_routes(family=family, table=RT_TABLE_LOCAL):
+                if r["type"] != RTN_LOCAL:
+                    continue
+                dst = r.get_attr("RTA_DST")
+                if dst:
+                    nets.add(str(ipaddress.ip_network(f"{dst}/{r['dst_len']}", strict=False)))
+    # lo may be down in a fresh netns; these are local by definition all the same.
+    nets.update({"127.0.0.0/8", "::1/128"})
+    return sorted(nets, key=lambda n: (ipaddress.ip_network(n).version, n))
+
+
+def default_instance_ips():
+    """(ipv4, ipv6): the namespace's own address per family, preferring the interface
+    of the default route, else the first global address; '' where there is none."""
+    out = {}
+    with IPRoute() as ipr:
+        for family, key in ((2, 4), (10, 6)):
+            oif = None
+            for r in ipr.get_default_routes(family=family):
+                oif = r.get_attr("RTA_OIF")
+                break
+            best = ""
+            for a in ipr.get_addr(family=family):
+                if a["scope"] != 0:   # universe (global) scope only: no link-local, no lo
+                    continue
+                ip = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
+                if not ip:
+                    continue
+                if oif is not None and a["index"] == oif:
+                    best = ip
+                    break
+                best = best or ip
+            out[key] = best
+    return out[4], out[6]

@@ -1,0 +1,68 @@
+"""Feature probes: load a tiny program for each hook the instance needs and see whether
+the verifier takes it. Nothing is attached; the programs and their maps go away with the
+BPF object."""
+from . import bpfsys
+
+_CONNECT = r"""
+int probe_connect{n}(struct bpf_sock_addr *ctx)
+{{
+	u32 *v = probe_sks.sk_storage_get(ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	return bpf_get_netns_cookie(ctx) && v ? 1 : 1;
+}}
+int probe_getpeername{n}(struct bpf_sock_addr *ctx)
+{{
+	return probe_sks.sk_storage_get(ctx->sk, 0, 0) ? 1 : 1;
+}}
+"""
+
+# BCC caches a loaded function by name, so each attach type gets its own function (and
+# BCC refuses map calls inside macros, hence the Python formatting).
+PROBE_SOURCE = r"""
+#include <uapi/linux/bpf.h>
+BPF_SK_STORAGE(probe_sks, u32);
+int probe_sock_ops(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	if (sk && probe_sks.sk_storage_get(sk, 0, 0))
+		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+	return 1;
+}
+int probe_getsockopt(struct bpf_sockopt *ctx)
+{
+	ctx->optlen = 0;
+	return 1;
+}
+""" + _CONNECT.format(n=4) + _CONNECT.format(n=6)
+
+# (feature, probe function, prog type, attach type, what it enables)
+PROBES = (
+    ("cgroup/connect4 + sk_storage + netns cookie", "probe_connect4",
+     bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET4_CONNECT, ("connect4",)),
+    ("cgroup/connect6", "probe_connect6",
+     bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET6_CONNECT, ("connect6",)),
+    ("cgroup/sock_ops with skops->sk", "probe_sock_ops",
+     bpfsys.PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS, ("sock_ops",)),
+    ("cgroup/getsockopt", "probe_getsockopt",
+     bpfsys.PROG_CGROUP_SOCKOPT, bpfsys.CGROUP_GETSOCKOPT, ("getsockopt_orig_dst",)),
+    ("cgroup/getpeername4", "probe_getpeername4",
+     bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET4_GETPEERNAME, ("getpeername4",)),
+    ("cgroup/getpeername6", "probe_getpeername6",
+     bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET6_GETPEERNAME, ("getpeername6",)),
+)
+
+
+def probe_hooks():
+    """[(feature, ok, error, programs it enables)]; raises if BCC cannot compile at all."""
+    from bcc import BPF
+    bpf = BPF(text=PROBE_SOURCE)
+    results = []
+    try:
+        for feature, fn, ptype, atype, progs in PROBES:
+            try:
+                bpf.load_func(fn, ptype, attach_type=atype)
+                results.append((feature, True, "", progs))
+            except Exception as e:   # BCC raises bare Exception for verifier refusals
+                results.append((feature, False, str(e).splitlines()[0], progs))
+    finally:
+        bpf.cleanup()
+    return results

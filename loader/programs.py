@@ -1,0 +1,73 @@
+"""The BPF programs: where their source is, how BCC builds them, and where each attaches.
+
+BCC only rewrites map method calls (tp_conns.lookup(...)) in its main source text, not in
+included files, so the program files and their local headers are pasted into one text
+here (each header once, like an include guard) and handed to BCC as the main file.
+"""
+import dataclasses
+import os
+import re
+
+from . import bpfsys
+
+BPF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf")
+PROGRAM_FILES = ("connect.c", "sock_ops.c", "getsockopt.c", "getpeername.c")
+_INCLUDE = re.compile(r'^\s*#include "([^"]+)"\s*$')
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    name: str           # function in bpf/*.c, also the link's pin name
+    prog_type: int
+    attach_type: int
+    hook: str           # what `status` and `check` call it
+    required: bool      # False: missing on this kernel -> documented fallback
+    missing_means: str  # what the user loses without it
+
+
+PROGRAMS = (
+    Program("connect4", bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET4_CONNECT,
+            "cgroup/connect4", True, ""),
+    Program("connect6", bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET6_CONNECT,
+            "cgroup/connect6", True, ""),
+    Program("sock_ops", bpfsys.PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS,
+            "cgroup/sock_ops", True, ""),
+    Program("getsockopt_orig_dst", bpfsys.PROG_CGROUP_SOCKOPT, bpfsys.CGROUP_GETSOCKOPT,
+            "cgroup/getsockopt", True, ""),
+    Program("getpeername4", bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET4_GETPEERNAME,
+            "cgroup/getpeername4", False,
+            "applications see 127.0.0.1:<outbound port> from getpeername() (needs 5.8)"),
+    Program("getpeername6", bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET6_GETPEERNAME,
+            "cgroup/getpeername6", False,
+            "applications see [::1]:<outbound port> from getpeername() (needs 5.8)"),
+)
+
+
+def source(files=PROGRAM_FILES, bpf_dir=BPF_DIR):
+    """One text: the program files with our own headers pasted in, each once."""
+    seen = set()
+
+    def expand(name):
+        if name in seen:
+            return ""
+        seen.add(name)
+        out = []
+        with open(os.path.join(bpf_dir, name)) as f:
+            for line in f:
+                m = _INCLUDE.match(line)
+                out.append(expand(m.group(1)) if m else line)
+        return "".join(out)
+
+    return "".join(expand(f) for f in files)
+
+
+def compile_programs(pin_dir):
+    """Build every program with BCC; maps are opened at (or created and pinned under)
+    pin_dir. Returns the bcc.BPF object."""
+    from bcc import BPF
+    return BPF(text=source(), cflags=[f'-DTP_PIN_DIR="{pin_dir}"', "-Wno-unused-function"])
+
+
+def load(bpf, prog):
+    """Load one program through the verifier; returns its fd (owned by bpf)."""
+    return bpf.load_func(prog.name, prog.prog_type, attach_type=prog.attach_type).fd

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# make setup: everything `make demo` and `make test` need, installed only when missing.
+# Debian packages, BCC's kernel headers, and .venv (from /usr/bin/python3 with
+# --system-site-packages so that the distribution's bcc imports). Quiet when all is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf 'setup: %s\n' "$*"; }
+
+PKGS=(python3-bpfcc python3-venv bpftool libbpf1 iptables iproute2 util-linux haproxy curl)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+# BCC compiles against /lib/modules/$(uname -r)/{build,source}.
+rel=$(uname -r)
+hdr_pkg=""
+if [ ! -e "/lib/modules/$rel/build/Makefile" ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    apt-get update -qq >/dev/null 2>&1 || true
+    if apt-cache show "linux-headers-$rel" >/dev/null 2>&1; then
+      hdr_pkg="linux-headers-$rel"
+    else
+      hdr_pkg="linux-headers-amd64"
+      [ "$(dpkg --print-architecture)" = "arm64" ] && hdr_pkg="linux-headers-arm64"
+    fi
+    dpkg-query -W -f='${Status}' "$hdr_pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$hdr_pkg")
+  fi
+fi
+
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    say "missing packages: ${missing[*]}; run make setup as root"; exit 1
+  fi
+  say "installing ${missing[*]}"
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -e "/lib/modules/$rel/build/Makefile" ] && [ -n "$hdr_pkg" ]; then
+  if [ "$hdr_pkg" = "linux-headers-$rel" ]; then
+    : # the package put them in place
+  else
+    # No headers for this exact kernel: use the distribution's default ones. BCC only
+    # needs them to compile; our programs use UAPI structures, so version skew is harmless.
+    arch_dir=$( (ls -d /usr/src/linux-headers-*-amd64 /usr/src/linux-headers-*-arm64 2>/dev/null || true) | sort -V | tail -n 1)
+    common_dir=$( (ls -d /usr/src/linux-headers-*-common 2>/dev/null || true) | sort -V | tail -n 1)
+    if [ -z "$arch_dir" ] || [ -z "$common_dir" ]; then
+      say "no kernel headers found under /usr/src; install linux-headers-$rel"; exit 1
+    fi
+    mkdir -p "/lib/modules/$rel"
+    ln -sfn "$arch_dir" "/lib/modules/$rel/build"
+    ln -sfn "$common_dir" "/lib/modules/$rel/source"
+    say "warning: no headers package for kernel $rel; linked $(basename "$arch_dir") for BCC"
+  fi
+fi
+
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; then
+  say "creating .venv (system site packages, for bcc)"
+  rm -rf .venv
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+stamp=.venv/.installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  say "installing ebpf-tproxy into .venv"
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  touch "$stamp"
+fi
