@@ -267,6 +267,7 @@ def _install_locked(settings, cgroup_path, paths, p, progress):
                 finally:
                     os.close(link_fd)
                 _log(progress, f"attached {prog.hook} to {cgroup_path}")
+            _test_pause("after-link")
         maps.flip(new)
         maps.clear_gen(active)
         maps.write_meta(dict(p, installed_at=int(time.time()),
@@ -275,6 +276,18 @@ def _install_locked(settings, cgroup_path, paths, p, progress):
         os.close(cg_fd)
         maps.close()
         bpf.cleanup()
+
+
+def _test_pause(step):
+    """Test seam: EBPF_TPROXY_TEST_PAUSE=<step> stops install at that step (after saying
+    so on stderr) until the test kills it, to prove recovery from a loader killed mid-way."""
+    if os.environ.get("EBPF_TPROXY_TEST_PAUSE") == step:
+        import signal
+        import sys
+        sys.stderr.write(f"paused at {step}\n")
+        sys.stderr.flush()
+        while True:
+            signal.pause()
 
 
 def _read_meta_quiet(paths):

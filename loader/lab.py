@@ -42,6 +42,7 @@ class Lab:
             raise RuntimeError("no cgroup2 mount: the lab needs one")
         self.cgroup = os.path.join(root, f"ebpf-tproxy-{self.id}")
         self.bpffs = None
+        self.tmpdir = None
         self.procs = []
         self.veth = ("tpa" + self.id[-6:], "tpr" + self.id[-6:])
 
@@ -72,6 +73,8 @@ class Lab:
             self.ip(ns, "addr", "add", f"{ip4}/24", "dev", dev)
             self.ip(ns, "-6", "addr", "add", f"{ip6}/64", "dev", dev, "nodad")
             self.ip(ns, "link", "set", dev, "up")
+        # Kuma adds ::6/128 to lo so Envoy can bind its IPv6 passthrough source.
+        self.ip(self.app_ns, "-6", "addr", "add", "::6/128", "dev", "lo")
         os.mkdir(self.cgroup)
         self.bpffs = tempfile.mkdtemp(prefix="tp-bpffs-")
         sh("mount", "-t", "bpf", "bpf", self.bpffs)
@@ -115,6 +118,32 @@ class Lab:
         return subprocess.run(self.command(argv, ns, user), capture_output=True, text=True,
                               preexec_fn=self._preexec(in_cgroup), timeout=timeout,
                               env=self.env(), check=check)
+
+    def wait_listening(self, port, ns=None, proc=None, timeout=10.0):
+        """Wait until something listens on TCP port in the netns (read from the kernel's
+        socket table, so no connection is made that a proxy could mistake for traffic)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"exited with {proc.returncode} before listening on {port}:"
+                                   f" {proc.stderr.read().decode(errors='replace')[-500:]}")
+            r = sh("nsenter", f"--net=/run/netns/{ns or self.app_ns}", "ss", "-Hltn",
+                   f"sport = :{port}", check=False)
+            if r.stdout.strip():
+                return
+            time.sleep(0.05)   # polling the socket table
+        raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
+
+    def shared_file(self, name, text):
+        """A file lab processes running as other users can read (in the lab's own dir)."""
+        if self.tmpdir is None:
+            self.tmpdir = tempfile.mkdtemp(prefix=f"tp-{self.id}-")
+            os.chmod(self.tmpdir, 0o755)
+        path = os.path.join(self.tmpdir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o644)
+        return path
 
     def env(self):
         env = dict(os.environ)
@@ -164,6 +193,9 @@ class Lab:
             self.bpffs = None
         for ns in (self.app_ns, self.remote_ns):
             sh("ip", "netns", "del", ns, check=False)
+        if self.tmpdir:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            self.tmpdir = None
 
     def _kill_cgroup(self):
         if not os.path.isdir(self.cgroup):

@@ -10,6 +10,8 @@
     python -m loader.labservers connect HOST PORT [--bind ADDR] [--count N]
         Connect, print the line received (or REFUSED / the error), or with --count N
         make N connections and print one summary line of JSON.
+    python -m loader.labservers http PORT
+        An HTTP server that answers every GET with "client=<peer> server=<local>".
     python -m loader.labservers validator [--ipv6]
         Kuma's transparent-proxy validator: listen on 127.0.0.1:15006 (::1), connect from
         127.0.0.1 to 127.0.0.6:<20000-29999> (::6), succeed only if it lands there.
@@ -165,6 +167,33 @@ def cmd_connect(args):
     print(json.dumps({"line": line, "getpeername": peer}))
 
 
+def cmd_http(args):
+    import http.server
+
+    class WhoAmI(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = (f"client={fmt(self.client_address)} "
+                    f"server={fmt(self.connection.getsockname())}\n").encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+        def server_bind(self):
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            super().server_bind()
+
+    srv = Server(("::", args.port), WhoAmI)
+    print("ready", flush=True)
+    srv.serve_forever()
+
+
 def cmd_validator(args):
     lo, passthrough = ("::1", "::6") if args.ipv6 else ("127.0.0.1", "127.0.0.6")
     fam = socket.AF_INET6 if args.ipv6 else socket.AF_INET
@@ -203,11 +232,13 @@ def main(argv=None):
     p.add_argument("port", type=int)
     p.add_argument("--bind")
     p.add_argument("--count", type=int, default=0)
+    p = sub.add_parser("http")
+    p.add_argument("port", type=int)
     p = sub.add_parser("validator")
     p.add_argument("--ipv6", action="store_true")
     args = ap.parse_args(argv)
     {"listen": cmd_listen, "proxy": cmd_proxy, "connect": cmd_connect,
-     "validator": cmd_validator}[args.cmd](args)
+     "validator": cmd_validator, "http": cmd_http}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pyroute2 import IPRoute
 
 RT_TABLE_LOCAL = 255
 RTN_LOCAL = 2
+IFF_LOOPBACK = 0x8
 
 
 def local_networks():
@@ -34,6 +35,8 @@ def default_instance_ips():
     of the default route, else the first global address; '' where there is none."""
     out = {}
     with IPRoute() as ipr:
+        # Addresses on loopback (Kuma's ::6, 127.0.0.6) are never the host's own address.
+        loopback = {ln["index"] for ln in ipr.get_links() if ln["flags"] & IFF_LOOPBACK}
         for family, key in ((2, 4), (10, 6)):
             oif = None
             for r in ipr.get_default_routes(family=family):
@@ -41,7 +44,7 @@ def default_instance_ips():
                 break
             best = ""
             for a in ipr.get_addr(family=family):
-                if a["scope"] != 0:   # universe (global) scope only: no link-local, no lo
+                if a["scope"] != 0 or a["index"] in loopback:   # global, not link-local
                     continue
                 ip = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
                 if not ip:

@@ -1,0 +1,47 @@
+"""Kernel tests: real programs on real sockets, in lab namespaces and child cgroups made
+by each test and removed afterwards, also when the test fails (loader.lab.Lab.close)."""
+import os
+import sys
+
+import pytest
+
+from loader.lab import Lab
+
+DP_USER = "nobody"     # the proxy's user in the lab (exists on every Debian host)
+DP_UID = 65534
+APP_UID = 0            # the application runs as root: not the DP user
+OTHER_UID = 1          # "daemon": a uid for exclude-outbound-ports-for-uids
+
+if os.geteuid() != 0:
+    pytest.skip("kernel tests need root (run make test as root)", allow_module_level=True)
+
+
+@pytest.fixture
+def lab():
+    with Lab("t") as lab:
+        yield lab
+
+
+def listeners(lab):
+    """The lab's listeners: the proxy's outbound/inbound ports and a local service in the
+    app namespace (in the cgroup, like Envoy beside the app), remote services elsewhere."""
+    lab.spawn([sys.executable, "-m", "loader.labservers", "listen",
+               "out:15001", "in:15006", "local:8000"], user=DP_UID)
+    lab.spawn([sys.executable, "-m", "loader.labservers", "listen",
+               "remote:8000", "remote:8001"], ns=lab.remote_ns, in_cgroup=False)
+
+
+def install(lab, *args, ok=True):
+    r = lab.tproxy("install", "--kuma-dp-user", DP_USER, *args)
+    if ok:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+def reached(lab, host, port, user=APP_UID, bind=None, ns=None):
+    """Which listener a connect() from the app (as user) reached: the reply line."""
+    import json
+    args = ["connect", host, str(port)] + (["--bind", bind] if bind else [])
+    r = lab.py(*args, user=user, ns=ns)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)

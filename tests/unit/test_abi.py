@@ -1,0 +1,48 @@
+"""loader/abi.py is the Python twin of bpf/tproxy_abi.h: every constant must agree.
+(The struct layouts are compared with BCC's compiled view in tests/kernel.)"""
+import os
+import re
+
+from loader import abi
+
+HEADER = os.path.join(os.path.dirname(__file__), "..", "..", "bpf", "tproxy_abi.h")
+
+
+def header_defines():
+    out = {}
+    with open(HEADER) as f:
+        for m in re.finditer(r"^#define\s+(TP_\w+)\s+(0x[0-9a-fA-F]+|\d+)\b", f.read(), re.M):
+            out[m.group(1)] = int(m.group(2), 0)
+    return out
+
+
+def test_every_constant_matches():
+    defs = header_defines()
+    reasons = {name: i for i, (name, _) in enumerate(abi.REASONS)}
+    assert defs, "no #defines parsed from the header"
+    for name, value in defs.items():
+        if name.startswith("TP_R_") and name != "TP_R_COUNT":
+            assert reasons.get(name) == value, name
+        elif name == "TP_R_COUNT":
+            assert abi.TP_R_COUNT == value
+        else:
+            assert getattr(abi, name) == value, name
+
+
+def test_every_reason_is_in_the_header():
+    defs = header_defines()
+    for i, (name, _) in enumerate(abi.REASONS):
+        assert defs.get(name) == i, name
+
+
+def test_cidr_keys_keep_families_apart():
+    v4 = abi.cidr_key(0, abi.TP_CIDR_EXCLUDE_OUT, "10.0.0.0/8")
+    v6 = abi.cidr_key(0, abi.TP_CIDR_EXCLUDE_OUT, "::/0")
+    assert (v4.prefixlen, v4.family) == (32 + 96 + 8, 4)
+    assert (v6.prefixlen, v6.family) == (32, 6)
+    assert bytes(v4.addr)[10:12] == b"\xff\xff"
+
+
+def test_addr16_round_trip():
+    for ip in ("198.18.0.1", "fd00::1", "::1"):
+        assert str(abi.addr_from16(abi.addr16(ip))) == ip

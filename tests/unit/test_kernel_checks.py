@@ -1,0 +1,22 @@
+"""Version floor and flag handling, fed fake inputs (no root needed)."""
+from loader import kernel
+from loader.cli import flags_from
+
+
+def test_old_kernel_is_refused_with_a_fix():
+    c = kernel.check_kernel_version("5.4.0-150-generic")
+    assert not c.ok and "5.7" in c.fix and "kumactl" in c.fix
+
+
+def test_floor_and_newer_kernels_pass():
+    for rel in ("5.7.0", "5.10.0-30-amd64", "6.18.44-fc-v509"):
+        assert kernel.check_kernel_version(rel).ok, rel
+
+
+def test_repeated_port_flag_last_wins_and_ips_accumulate():
+    flags = flags_from({"exclude_outbound_ports": ("1,2", "3"),
+                        "exclude_outbound_ips": ("10.0.0.1", "10.0.0.2,10.0.0.3"),
+                        "exclude_outbound_ports_for_uids": ("1:2", "3:4")})
+    assert flags["redirect.outbound.excludePorts"] == "3"
+    assert flags["redirect.outbound.excludePortsForIPs"] == ["10.0.0.1", "10.0.0.2,10.0.0.3"]
+    assert flags["redirect.outbound.excludePortsForUIDs"] == ["1:2", "3:4"]
