@@ -1,0 +1,121 @@
+"""Lifecycle: capture outlives the loader, install is idempotent and updates in place
+without a gap, a loader killed mid-install is recovered, uninstall leaves zero residue."""
+import json
+import signal
+import subprocess
+import sys
+
+from loader.lab import REMOTE_IP4
+
+from .conftest import DP_USER, install, listeners, reached
+from .residue import cgroup_attachments, pins, snapshot, wait_back_to
+
+
+def status(lab):
+    r = lab.tproxy("status", "--output", "json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_capture_survives_the_loader_and_uninstall_leaves_nothing(lab):
+    listeners(lab)
+    before = snapshot()
+    install(lab)   # a separate process, which has exited by now
+    assert reached(lab, REMOTE_IP4, 8000)["line"].startswith("out ")
+    assert len(cgroup_attachments(lab.cgroup)) == 6
+    r = lab.tproxy("uninstall")
+    assert r.returncode == 0 and "uninstalled" in r.stdout, r.stderr
+    assert reached(lab, REMOTE_IP4, 8000)["line"].startswith("remote ")
+    assert cgroup_attachments(lab.cgroup) == []
+    assert pins(lab.bpffs) == []
+    assert wait_back_to(before) == {}
+    # twice is fine
+    r = lab.tproxy("uninstall")
+    assert r.returncode == 0 and "nothing to uninstall" in r.stdout
+
+
+def test_install_twice_gives_the_same_state(lab):
+    listeners(lab)
+    install(lab, "--exclude-outbound-ports", "22")
+    first = status(lab)[0]
+    install(lab, "--exclude-outbound-ports", "22")
+    second = status(lab)[0]
+    assert {k: v["link_id"] for k, v in first["links"].items()} == \
+        {k: v["link_id"] for k, v in second["links"].items()}
+    for key in ("config", "cgroup", "local_networks", "instance_ip4", "instance_ip6"):
+        assert first["meta"][key] == second["meta"][key]
+    assert len(cgroup_attachments(lab.cgroup)) == 6
+
+
+def test_update_in_place_has_no_gap(lab):
+    """A client connecting in a loop while install runs with other configurations: every
+    connection reaches the proxy with the right original destination."""
+    listeners(lab)
+    install(lab)
+    client = subprocess.Popen(
+        lab.command([sys.executable, "-m", "loader.labservers", "connect", REMOTE_IP4, "8000",
+                     "--count", "4000"]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=lab.env(),
+        preexec_fn=lab._preexec(True))
+    try:
+        for ports in ("1", "2,3", "4"):
+            install(lab, "--exclude-outbound-ports", ports)
+        out, err = client.communicate(timeout=300)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    results = json.loads(out)["results"]
+    assert list(results) == [f"out orig={REMOTE_IP4}:8000 local=127.0.0.1:15001"], results
+    assert status(lab)[0]["meta"]["config"]["redirect"]["outbound"]["excludePorts"] == [4]
+
+
+def _killed_mid_install(lab):
+    p = subprocess.Popen(
+        [sys.executable, "-m", "loader.cli", "install", "--kuma-dp-user", DP_USER,
+         "--netns", lab.app_ns, "--ebpf-bpffs-path", lab.bpffs, "--ebpf-cgroup-path",
+         lab.cgroup], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        env=dict(lab.env(), EBPF_TPROXY_TEST_PAUSE="after-link"))
+    try:
+        line = p.stderr.readline()
+        assert "paused at after-link" in line, line + p.stderr.read()
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        p.stderr.close()
+
+
+def test_loader_killed_mid_install_then_install_recovers(lab):
+    listeners(lab)
+    _killed_mid_install(lab)
+    st = status(lab)
+    assert st and st[0]["problems"], st   # the half-done instance is visible as such
+    install(lab)
+    assert status(lab)[0]["problems"] == []
+    assert len(cgroup_attachments(lab.cgroup)) == 6
+    assert reached(lab, REMOTE_IP4, 8000)["line"].startswith("out ")
+
+
+def test_loader_killed_mid_install_then_uninstall_recovers(lab):
+    listeners(lab)
+    before = snapshot()
+    _killed_mid_install(lab)
+    r = lab.tproxy("uninstall")
+    assert r.returncode == 0, r.stderr
+    assert cgroup_attachments(lab.cgroup) == []
+    assert pins(lab.bpffs) == []
+    assert wait_back_to(before) == {}
+    assert reached(lab, REMOTE_IP4, 8000)["line"].startswith("remote ")
+
+
+def test_another_cgroup_for_the_same_name_is_refused(lab, tmp_path):
+    install(lab)
+    other = lab.cgroup + "-other"
+    import os
+    os.mkdir(other)
+    try:
+        r = lab.tproxy("install", "--kuma-dp-user", DP_USER, "--ebpf-cgroup-path", other)
+        assert r.returncode == 1 and "uninstall it first" in r.stderr
+        assert cgroup_attachments(other) == []
+    finally:
+        os.rmdir(other)
