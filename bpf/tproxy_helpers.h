@@ -16,7 +16,6 @@
 #define TP_AF_INET6 10
 #define TP_SOL_IP 0
 #define TP_SOL_IPV6 41
-#define TP_PAGE_SIZE 4096
 
 static __always_inline void tp_count(u32 reason)
 {
@@ -106,13 +105,6 @@ static __always_inline int tp_addr_is_passthrough_src(const u8 *addr)
 	if (tp_addr_is_mapped(addr))
 		return w[3] == bpf_htonl(0x7f000006);
 	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(6);
-}
-
-static __always_inline int tp_addr_eq(const u8 *a, const u8 *b)
-{
-	const u32 *x = (const u32 *)a, *y = (const u32 *)b;
-
-	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
 }
 
 static __always_inline int tp_port_in(u8 gen, u8 kind, u16 port)

@@ -12,6 +12,7 @@ namespaces deleted, bpffs unmounted.
 """
 import ipaddress
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -88,7 +89,9 @@ class Lab:
         ns = ns or self.app_ns
         wrapped = ["nsenter", f"--net=/run/netns/{ns}"]
         if user is not None:
-            wrapped += ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
+            ent = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
+            wrapped += ["setpriv", f"--reuid={ent.pw_uid}", f"--regid={ent.pw_gid}",
+                        "--clear-groups"]
         return wrapped + list(argv)
 
     def _preexec(self, in_cgroup):
@@ -165,8 +168,9 @@ class Lab:
         if args and args[0] == "install" and \
                 not any(a.startswith("--ebpf-cgroup-path") for a in args):
             argv += ["--ebpf-cgroup-path", self.cgroup]
-        return subprocess.run(argv, capture_output=True, text=True, env=self.env(),
-                              timeout=kw.pop("timeout", 120), **kw)
+        kw.setdefault("env", self.env())
+        kw.setdefault("timeout", 120)
+        return subprocess.run(argv, capture_output=True, text=True, **kw)
 
     # ------------------------------------------------------------------ teardown
     def close(self):

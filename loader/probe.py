@@ -54,12 +54,12 @@ PROBES = (
 def probe_hooks():
     """[(feature, ok, error, programs it enables)]; raises if BCC cannot compile at all."""
     from bcc import BPF
-    bpf = BPF(text=PROBE_SOURCE)
+    bpf = BPF(text=PROBE_SOURCE.encode())
     results = []
     try:
         for feature, fn, ptype, atype, progs in PROBES:
             try:
-                bpf.load_func(fn, ptype, attach_type=atype)
+                bpf.load_func(fn.encode(), ptype, attach_type=atype)
                 results.append((feature, True, "", progs))
             except Exception as e:   # BCC raises bare Exception for verifier refusals
                 results.append((feature, False, str(e).splitlines()[0], progs))

@@ -65,9 +65,9 @@ def compile_programs(pin_dir):
     """Build every program with BCC; maps are opened at (or created and pinned under)
     pin_dir. Returns the bcc.BPF object."""
     from bcc import BPF
-    return BPF(text=source(), cflags=[f'-DTP_PIN_DIR="{pin_dir}"', "-Wno-unused-function"])
+    return BPF(text=source().encode(), cflags=[f'-DTP_PIN_DIR="{pin_dir}"'])
 
 
 def load(bpf, prog):
     """Load one program through the verifier; returns its fd (owned by bpf)."""
-    return bpf.load_func(prog.name, prog.prog_type, attach_type=prog.attach_type).fd
+    return bpf.load_func(prog.name.encode(), prog.prog_type, attach_type=prog.attach_type).fd

@@ -1,0 +1,92 @@
+"""`make demo` / `ebpf-tproxy demo`: the main job on a built-in lab.
+
+Builds two network namespaces (an "app" host with a child cgroup, a "remote" host), runs
+an HTTP server on the remote host and a small transparent proxy as the DP user beside the
+application, installs capture, makes requests with curl, prints what the proxy saw and
+`status`, uninstalls, and shows that nothing of ours is left. Ctrl-C at any point tears
+the lab down the same way.
+"""
+import json
+import os
+import subprocess
+import sys
+
+from .lab import APP_IP4, REMOTE_IP4, REMOTE_IP6, Lab
+
+DP_USER = "nobody"
+
+
+def step(msg):
+    print(f"\n== {msg}", flush=True)
+
+
+def show(cmd, r):
+    print(f"$ {cmd}")
+    out = (r.stdout + r.stderr).rstrip()
+    if out:
+        print("  " + out.replace("\n", "\n  "))
+
+
+def our_kernel_objects(lab):
+    links = json.loads(subprocess.run(["bpftool", "-j", "cgroup", "list", lab.cgroup],
+                                      capture_output=True, text=True).stdout.strip() or "[]")
+    pins = []
+    for root, dirs, files in os.walk(os.path.join(lab.bpffs, "ebpf-tproxy")):
+        pins += dirs + files
+    return links, pins
+
+
+def run(pause=False):
+    if os.geteuid() != 0:
+        print("ebpf-tproxy demo: run as root (it creates namespaces, a cgroup and BPF "
+              "programs)", file=sys.stderr)
+        return 2
+    try:
+        with Lab("demo") as lab:
+            step(f"lab: app host {APP_IP4} (cgroup {lab.cgroup}), remote host {REMOTE_IP4} "
+                 f"/ {REMOTE_IP6}")
+            lab.spawn([sys.executable, "-m", "loader.labservers", "http", "8080"],
+                      ns=lab.remote_ns, in_cgroup=False)
+            log = lab.shared_file("proxy.log", "")
+            os.chmod(log, 0o666)
+            lab.spawn([sys.executable, "-m", "loader.labservers", "proxy", "--port", "15001",
+                       "--log", log], user=DP_USER)
+            print(f"remote: HTTP server on :8080; app host: transparent proxy on :15001 "
+                  f"as {DP_USER!r} (the DP user)")
+
+            step("before capture: the application talks to the remote host directly")
+            show(f"curl http://{REMOTE_IP4}:8080/",
+                 lab.run(["curl", "-sS", "-m", "5", f"http://{REMOTE_IP4}:8080/"]))
+
+            step("install capture (BCC compiles and loads the programs: a few seconds)")
+            r = lab.tproxy("install", "--kuma-dp-user", DP_USER, "--verbose")
+            show(f"ebpf-tproxy install --kuma-dp-user {DP_USER} --ebpf-cgroup-path "
+                 f"{lab.cgroup} --netns {lab.app_ns}", r)
+            if r.returncode != 0:
+                return 1
+
+            step("captured: the same requests now go through the proxy")
+            for url in (f"http://{REMOTE_IP4}:8080/", f"http://[{REMOTE_IP6}]:8080/"):
+                show(f"curl {url}", lab.run(["curl", "-sS", "-g", "-m", "5", "-w",
+                                             " (curl's peer: %{remote_ip}:%{remote_port})",
+                                             url]))
+            print("the proxy's log (each line is one getsockopt(SO_ORIGINAL_DST) answer):")
+            with open(log) as f:
+                print("  " + f.read().rstrip().replace("\n", "\n  "))
+
+            step("status")
+            show("ebpf-tproxy status", lab.tproxy("status"))
+            if pause:
+                input("\nPress Enter to uninstall and tear the lab down... ")
+
+            step("uninstall: traffic is released")
+            show("ebpf-tproxy uninstall", lab.tproxy("uninstall"))
+            show(f"curl http://{REMOTE_IP4}:8080/",
+                 lab.run(["curl", "-sS", "-m", "5", f"http://{REMOTE_IP4}:8080/"]))
+            links, pins = our_kernel_objects(lab)
+            print(f"cgroup attachments left: {len(links)}; pins left: {len(pins)}")
+        step("lab removed (namespaces, cgroup, bpffs mount): the host is as it was")
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted: lab removed, nothing left behind", file=sys.stderr)
+        return 130

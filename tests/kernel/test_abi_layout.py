@@ -1,0 +1,63 @@
+"""The ctypes twins in loader/abi.py have the layout BCC compiled from bpf/tproxy_abi.h:
+same size and the same offset for every field."""
+import ctypes as ct
+import tempfile
+
+import pytest
+
+from loader import abi, programs
+
+# C struct used as a key or value of a map -> (map, "Key" or "Leaf")
+VIA_MAPS = {
+    "tp_config": ("tp_config", "Leaf"),
+    "tp_uid_rule": ("tp_uid_rules", "Leaf"),
+    "tp_port_key": ("tp_ports", "Key"),
+    "tp_cidr_key": ("tp_cidrs", "Key"),
+    "tp_conn_key": ("tp_conns", "Key"),
+    "tp_conn": ("tp_conns", "Leaf"),
+    "tp_meta": ("tp_meta", "Leaf"),
+}
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    import subprocess
+    d = tempfile.mkdtemp(prefix="tp-abi-")
+    subprocess.run(["mount", "-t", "bpf", "bpf", d], check=True)
+    bpf = programs.compile_programs(d)
+    try:
+        yield bpf
+    finally:
+        bpf.cleanup()
+        subprocess.run(["umount", d], check=True)
+        import os
+        os.rmdir(d)
+
+
+def layout(t):
+    out = []
+    for name, ftype in t._fields_:
+        out.append((name, getattr(t, name).offset, ct.sizeof(ftype)))
+    return ct.sizeof(t), out
+
+
+@pytest.mark.parametrize("cname", sorted(VIA_MAPS))
+def test_struct_layout_matches_bcc(compiled, cname):
+    map_name, which = VIA_MAPS[cname]
+    bcc_type = getattr(compiled[map_name.encode()], which)
+    mine = abi.STRUCTS[cname]
+    size, fields = layout(mine)
+    bsize, bfields = layout(bcc_type)
+    assert size == bsize
+    assert [(o, s) for _, o, s in fields] == [(o, s) for _, o, s in bfields]
+    assert [n for n, _, _ in fields] == [n for n, _, _ in bfields]
+
+
+def test_orig_dst_layout_matches_bcc(compiled):
+    # tp_orig_dst is the first member of tp_conn (sk_storage maps expose no Leaf type).
+    bcc_orig = dict(compiled[b"tp_conns"].Leaf._fields_)["orig"]
+    assert layout(abi.TpOrigDst) == layout(bcc_orig)
+
+
+def test_reason_counter_map_has_every_reason(compiled):
+    assert compiled[b"tp_counters"].max_entries == abi.TP_R_COUNT
