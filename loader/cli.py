@@ -246,6 +246,8 @@ def install(**kw):
         from . import bpfsys, netinfo
         p = instance.plan(settings, netinfo.local_networks(), netinfo.default_instance_ips(),
                           cgroup, bpfsys.netns_cookie())
+        p["maps"] = instance.map_contents(settings, p)
+        p["pins"] = instance.Paths(settings.bpffs_path, settings.name).instance
         click.echo(config.dump_json(p))
         return
     ver = kernel.check_kernel_version()

@@ -29,7 +29,6 @@ from . import __version__, abi, bpfsys, kernel, netinfo, programs
 from .config import Settings
 
 ROOT_DIR = "ebpf-tproxy"
-LOCK_PATH = "/run/ebpf-tproxy.lock"
 MOUNT_MARKER_DIR = "/run/ebpf-tproxy"
 
 
@@ -62,15 +61,15 @@ class Paths:
 
 
 @contextlib.contextmanager
-def host_lock():
-    """One install/uninstall at a time on a host."""
-    os.makedirs(os.path.dirname(LOCK_PATH), exist_ok=True)
-    with open(LOCK_PATH, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def bpffs_lock(bpffs):
+    """One install/uninstall at a time per bpffs: flock on the mount point itself, so no
+    lock file is left behind."""
+    fd = os.open(bpffs, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _log(progress, msg):
@@ -100,6 +99,26 @@ def plan(settings: Settings, local_nets, instance_ips, cgroup_path, netns_cookie
                      for p in programs.PROGRAMS],
         "inbound_capture": "not implemented in this version (connections from other hosts "
                            "reach the application directly)",
+    }
+
+
+def map_contents(settings, p):
+    """What install writes into the maps (generation-independent), for --dry-run."""
+    return {
+        "tp_config": {"flags": [n for n, f in (("outbound", settings.outbound_enabled),
+                                               ("ipv6", settings.ipv6),
+                                               ("include_ports",
+                                                bool(settings.outbound_include_ports)))
+                                if f],
+                      "dp_uid": settings.dp_uid, "outbound_port": settings.outbound_port,
+                      "inbound_port": settings.inbound_port,
+                      "netns_cookie": p["netns_cookie"], "instance_ip4": p["instance_ip4"],
+                      "instance_ip6": p["instance_ip6"]},
+        "tp_ports": {"exclude_outbound": list(settings.outbound_exclude_ports),
+                     "include_outbound": list(settings.outbound_include_ports)},
+        "tp_cidrs": {"exclude_outbound": list(settings.outbound_exclude_ips),
+                     "local": list(p["local_networks"])},
+        "tp_uid_rules": [r.describe() for r in settings.uid_rules],
     }
 
 
@@ -209,23 +228,26 @@ def install(settings: Settings, cgroup_path, progress=None):
     if mounted:
         os.makedirs(MOUNT_MARKER_DIR, exist_ok=True)
         open(_mount_marker(settings.bpffs_path), "w").close()
-    p = plan(settings, netinfo.local_networks(), netinfo.default_instance_ips(), cgroup_path,
-             bpfsys.netns_cookie())
-    with host_lock():
-        fresh = not os.path.isdir(paths.instance)
-        existing = _read_meta_quiet(paths)
-        if existing and existing.get("cgroup") != cgroup_path:
-            raise InstallError(
-                f"instance {settings.name!r} is attached to {existing.get('cgroup')}; "
-                f"uninstall it first or choose another --name for {cgroup_path}")
-        try:
-            _install_locked(settings, cgroup_path, paths, p, progress)
-        except BaseException:
-            if fresh:
-                _log(progress, "install failed: rolling back")
-                _remove_instance(paths)
-                _maybe_unmount(settings.bpffs_path)
-            raise
+    try:
+        p = plan(settings, netinfo.local_networks(), netinfo.default_instance_ips(),
+                 cgroup_path, bpfsys.netns_cookie())
+        with bpffs_lock(settings.bpffs_path):
+            fresh = not os.path.isdir(paths.instance)
+            existing = _read_meta_quiet(paths)
+            if existing and existing.get("cgroup") != cgroup_path:
+                raise InstallError(
+                    f"instance {settings.name!r} is attached to {existing.get('cgroup')}; "
+                    f"uninstall it first or choose another --name for {cgroup_path}")
+            try:
+                _install_locked(settings, cgroup_path, paths, p, progress)
+            except BaseException:
+                if fresh:
+                    _log(progress, "install failed: rolling back")
+                    _remove_instance(paths)
+                raise
+    except BaseException:
+        _maybe_unmount(settings.bpffs_path)   # after the lock: its fd keeps the mount busy
+        raise
     return p
 
 
@@ -279,8 +301,11 @@ def _install_locked(settings, cgroup_path, paths, p, progress):
 
 
 def _test_pause(step):
-    """Test seam: EBPF_TPROXY_TEST_PAUSE=<step> stops install at that step (after saying
-    so on stderr) until the test kills it, to prove recovery from a loader killed mid-way."""
+    """Test seams: EBPF_TPROXY_TEST_PAUSE=<step> stops install at that step (after saying
+    so on stderr) until the test kills it, to prove recovery from a loader killed mid-way;
+    EBPF_TPROXY_TEST_FAIL=<step> fails there, to prove the rollback."""
+    if os.environ.get("EBPF_TPROXY_TEST_FAIL") == step:
+        raise InstallError(f"failing at {step} as EBPF_TPROXY_TEST_FAIL asks")
     if os.environ.get("EBPF_TPROXY_TEST_PAUSE") == step:
         import signal
         import sys
@@ -355,10 +380,10 @@ def uninstall(bpffs, name):
     paths = Paths(bpffs, name)
     if not kernel.is_bpffs(bpffs):
         return []
-    with host_lock():
+    with bpffs_lock(bpffs):
         removed = _remove_instance(paths)
-        if _maybe_unmount(bpffs):
-            removed.append(f"bpffs mount at {bpffs} (mounted by install)")
+    if _maybe_unmount(bpffs):   # after the lock: its fd keeps the mount busy
+        removed.append(f"bpffs mount at {bpffs} (mounted by install)")
     return removed
 
 

@@ -119,3 +119,33 @@ def test_another_cgroup_for_the_same_name_is_refused(lab, tmp_path):
         assert cgroup_attachments(other) == []
     finally:
         os.rmdir(other)
+
+
+def test_bpffs_mounted_by_install_is_unmounted_by_uninstall(lab, tmp_path):
+    # An empty directory stands for a fresh host's unmounted /sys/fs/bpf.
+    from loader import kernel
+    d = tmp_path / "bpf"
+    d.mkdir()
+    install(lab, "--ebpf-bpffs-path", str(d))
+    assert kernel.is_bpffs(str(d))
+    r = lab.tproxy("uninstall", "--ebpf-bpffs-path", str(d))
+    assert r.returncode == 0, r.stderr
+    assert not kernel.is_bpffs(str(d))
+    assert cgroup_attachments(lab.cgroup) == []
+
+
+def test_install_failing_halfway_rolls_back_everything(lab, tmp_path):
+    """A fresh install that fails after its first link is attached (forced through the
+    EBPF_TPROXY_TEST_FAIL seam) detaches it, removes its pins and unmounts the bpffs it
+    mounted."""
+    from loader import kernel
+    d = tmp_path / "bpf"
+    d.mkdir()
+    before = snapshot()
+    r = lab.tproxy("install", "--kuma-dp-user", DP_USER, "--ebpf-bpffs-path", str(d),
+                   env=dict(lab.env(), EBPF_TPROXY_TEST_FAIL="after-link"))
+    assert r.returncode == 1 and "failing at after-link" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not kernel.is_bpffs(str(d))
+    assert cgroup_attachments(lab.cgroup) == []
+    assert wait_back_to(before) == {}

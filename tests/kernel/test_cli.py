@@ -1,0 +1,47 @@
+"""check, install --dry-run and status as a user sees them."""
+import json
+
+from .conftest import DP_USER
+from .residue import cgroup_attachments, pins, snapshot, wait_back_to
+
+
+def test_check_passes_here_and_probes_every_hook(lab):
+    r = lab.tproxy("check", "--output", "json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    for hook in ("cgroup/connect6", "cgroup/sock_ops with skops->sk", "cgroup/getsockopt",
+                 "cgroup/getpeername4", "cgroup/getpeername6"):
+        assert checks[hook]["ok"] and checks[hook]["detail"] == "loads", checks[hook]
+    assert checks["kernel >= 5.7"]["ok"]
+
+
+def test_check_refuses_a_cgroup_path_outside_cgroup2(lab):
+    r = lab.tproxy("check", "--ebpf-cgroup-path", "/tmp")
+    assert r.returncode == 1
+    assert "not a directory in a cgroup2 mount" in r.stdout
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(lab):
+    before = snapshot()
+    r = lab.tproxy("install", "--kuma-dp-user", DP_USER, "--exclude-outbound-ports", "22",
+                   "--exclude-outbound-ips", "10.0.0.0/8", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert [p["hook"] for p in plan["programs"]] == [
+        "cgroup/connect4", "cgroup/connect6", "cgroup/sock_ops", "cgroup/getsockopt",
+        "cgroup/getpeername4", "cgroup/getpeername6"]
+    assert all(p["attach"] == lab.cgroup for p in plan["programs"])
+    maps = plan["maps"]
+    assert maps["tp_ports"]["exclude_outbound"] == [22]
+    assert maps["tp_cidrs"]["exclude_outbound"] == ["10.0.0.0/8"]
+    assert "198.18.0.1/32" in maps["tp_cidrs"]["local"]   # the lab namespace's address
+    assert maps["tp_config"]["instance_ip4"] == "198.18.0.1"
+    assert cgroup_attachments(lab.cgroup) == [] and pins(lab.bpffs) == []
+    assert wait_back_to(before) == {}
+
+
+def test_status_without_instances(lab):
+    r = lab.tproxy("status")
+    assert r.returncode == 0 and "no instances installed" in r.stdout
+    r = lab.tproxy("uninstall")
+    assert r.returncode == 0 and "nothing to uninstall" in r.stdout
