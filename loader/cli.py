@@ -244,8 +244,11 @@ def install(**kw):
     verbose = settings.verbose
     if settings.dry_run:
         from . import bpfsys, netinfo
-        p = instance.plan(settings, netinfo.local_networks(), netinfo.default_instance_ips(),
-                          cgroup, bpfsys.netns_cookie())
+        try:
+            p = instance.plan(settings, netinfo.local_networks(),
+                              netinfo.default_instance_ips(), cgroup, bpfsys.netns_cookie())
+        except ConfigError as e:
+            fail(str(e))
         p["maps"] = instance.map_contents(settings, p)
         p["pins"] = instance.Paths(settings.bpffs_path, settings.name).instance
         click.echo(config.dump_json(p))
@@ -258,6 +261,8 @@ def install(**kw):
         fail(f"{priv.detail}: {priv.fix}")
     try:
         p = instance.install(settings, cgroup, progress=progress if verbose else None)
+    except ConfigError as e:
+        fail(str(e))
     except (kernel.HostError, instance.InstallError) as e:
         fail(str(e), EXIT_FAILED)
     except OSError as e:

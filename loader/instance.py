@@ -20,13 +20,14 @@ import contextlib
 import ctypes as ct
 import dataclasses
 import fcntl
+import ipaddress
 import json
 import os
 import shutil
 import time
 
 from . import __version__, abi, bpfsys, kernel, netinfo, programs
-from .config import Settings
+from .config import ConfigError, Settings
 
 ROOT_DIR = "ebpf-tproxy"
 MOUNT_MARKER_DIR = "/run/ebpf-tproxy"
@@ -83,6 +84,13 @@ def plan(settings: Settings, local_nets, instance_ips, cgroup_path, netns_cookie
     """Everything install would write, as data (printed by --dry-run, stored as meta)."""
     ip4 = settings.instance_ip4 or instance_ips[0]
     ip6 = settings.instance_ip6 or instance_ips[1]
+    nets = [ipaddress.ip_network(n) for n in local_nets]
+    for given in filter(None, (settings.instance_ip4, settings.instance_ip6)):
+        ip = ipaddress.ip_address(given)
+        if not any(ip in n for n in nets if n.version == ip.version):
+            raise ConfigError(f"--ebpf-instance-ip: {given} is not an address of this network "
+                              "namespace; give one of its addresses (ip addr) or leave it "
+                              "out to use the default")
     return {
         "name": settings.name,
         "version": __version__,

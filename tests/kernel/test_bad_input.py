@@ -19,6 +19,7 @@ CASES = [
     (["--ebpf-cgroup-path", "/tmp"], "is not a directory in the cgroup2 mount"),
     (["--ebpf-cgroup-path", "/nonexistent/cg"], "is not a directory in the cgroup2 mount"),
     (["--redirect-dns"], "DNS capture is not implemented yet"),
+    (["--ebpf-instance-ip", "203.0.113.9"], "is not an address of this network namespace"),
 ]
 
 
