@@ -157,6 +157,12 @@ def with_options(options):
     return deco
 
 
+bpffs_option = click.option("--ebpf-bpffs-path", default="/sys/fs/bpf", show_default=True,
+                            help="bpffs mount holding the instances' pins.")
+output_option = click.option("--output", type=click.Choice(["table", "json"]), default="table",
+                             show_default=True)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ebpf-tproxy")
 def main():
@@ -173,9 +179,8 @@ def main():
 
 @main.command()
 @click.option("--ebpf-cgroup-path", help="cgroup the install would target.")
-@click.option("--ebpf-bpffs-path", default="/sys/fs/bpf", show_default=True)
-@click.option("--output", type=click.Choice(["table", "json"]), default="table",
-              show_default=True)
+@bpffs_option
+@output_option
 def check(ebpf_cgroup_path, ebpf_bpffs_path, output):
     """Check that install can succeed here: kernel, mounts, privileges, BCC, hooks.
 
@@ -275,9 +280,8 @@ def install(**kw):
 
 @main.command()
 @click.option("--name", help="Only this instance.")
-@click.option("--ebpf-bpffs-path", default="/sys/fs/bpf", show_default=True)
-@click.option("--output", type=click.Choice(["table", "json"]), default="table",
-              show_default=True)
+@bpffs_option
+@output_option
 def status(name, ebpf_bpffs_path, output):
     """Show installed instances: attach points, configuration, counters.
 
@@ -318,7 +322,7 @@ def status(name, ebpf_bpffs_path, output):
 @main.command()
 @click.option("--name", default="default", show_default=True)
 @click.option("--all", "all_", is_flag=True, help="Every instance.")
-@click.option("--ebpf-bpffs-path", default="/sys/fs/bpf", show_default=True)
+@bpffs_option
 def uninstall(name, all_, ebpf_bpffs_path):
     """Remove an instance: links, programs, maps and pins. Safe to run twice.
 
@@ -350,4 +354,4 @@ def demo(keep_going):
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="ebpf-tproxy")
