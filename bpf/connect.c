@@ -15,16 +15,29 @@
  */
 #include "tproxy_outbound.h"
 
-static __always_inline void tp_remember_orig(struct bpf_sock *sk, const u8 *dst, u16 port,
-					     u16 family)
+/* Keep the original destination with the socket. Returns 0 if there is no room: the
+ * connection then goes direct rather than to a proxy that could not learn where to. */
+static __always_inline int tp_remember_orig(struct bpf_sock *sk, const u8 *dst, u16 port,
+					    u16 family)
 {
 	struct tp_orig_dst *o = tp_sk_orig.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 
-	if (!o)
-		return;
+	if (!o) {
+		tp_count(TP_R_NO_STORAGE);
+		return 0;
+	}
 	__builtin_memcpy(o->addr, dst, 16);
 	o->port = port;
 	o->family = family;
+	return 1;
+}
+
+/* A socket redirected once and then reconnected elsewhere (connect(AF_UNSPEC), then
+ * connect again) must not keep the old original destination. */
+static __always_inline void tp_forget_orig(struct bpf_sock *sk)
+{
+	if (tp_sk_orig.sk_storage_get(sk, 0, 0))
+		tp_sk_orig.sk_storage_delete(sk);
 }
 
 /* Decide one connect(); returns the verdict and fills *target_port. */
@@ -73,10 +86,12 @@ int connect4(struct bpf_sock_addr *ctx)
 	tp_addr_from_ip4(a.dst, ctx->user_ip4);
 	tp_addr_from_ip4(a.src, sk->src_ip4);
 	a.dst_port = bpf_ntohs((u16)ctx->user_port);
-	if (tp_connect_verdict(ctx, &a, &cfg, &target_port) == TP_DIRECT || !cfg)
+	if (tp_connect_verdict(ctx, &a, &cfg, &target_port) == TP_DIRECT || !cfg) {
+		tp_forget_orig(sk);
 		return 1;
-
-	tp_remember_orig(sk, a.dst, a.dst_port, TP_AF_INET);
+	}
+	if (!tp_remember_orig(sk, a.dst, a.dst_port, TP_AF_INET))
+		return 1;
 	if (tp_addr_is_unspecified(a.src) && !tp_addr_is_zero(cfg->instance_ip4)) {
 		struct sockaddr_in sin = { .sin_family = TP_AF_INET };
 
@@ -102,13 +117,15 @@ int connect6(struct bpf_sock_addr *ctx)
 	tp_addr_from_ctx_ip6(a.dst, ctx->user_ip6);
 	tp_addr_from_ctx_ip6(a.src, sk->src_ip6);
 	a.dst_port = bpf_ntohs((u16)ctx->user_port);
-	if (tp_connect_verdict(ctx, &a, &cfg, &target_port) == TP_DIRECT || !cfg)
+	if (tp_connect_verdict(ctx, &a, &cfg, &target_port) == TP_DIRECT || !cfg) {
+		tp_forget_orig(sk);
 		return 1;
-
+	}
 	/* A v4-mapped destination on an AF_INET6 socket is IPv4 (Kuma: IPv4 rules apply),
 	 * and the proxy's SO_ORIGINAL_DST answer for it is a sockaddr_in. */
 	mapped = tp_addr_is_mapped(a.dst);
-	tp_remember_orig(sk, a.dst, a.dst_port, mapped ? TP_AF_INET : TP_AF_INET6);
+	if (!tp_remember_orig(sk, a.dst, a.dst_port, mapped ? TP_AF_INET : TP_AF_INET6))
+		return 1;
 	if (tp_addr_is_unspecified(a.src)) {
 		const u8 *ip = mapped ? cfg->instance_ip4 : cfg->instance_ip6;
 

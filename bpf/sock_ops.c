@@ -11,24 +11,30 @@
  *
  * The entry is freed when both ends reached TCP_CLOSE (BPF_SOCK_OPS_STATE_CB), never by
  * LRU eviction: an application that connects and closes at once must still leave the
- * answer for a proxy that accepts late, as conntrack does for iptables. This needs the
- * proxy in the same cgroup subtree, which the getsockopt hook needs anyway.
+ * answer for a proxy that accepts late, as conntrack does for iptables. The proxy's end
+ * is known from BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, which runs when the kernel creates
+ * the accepted socket, before accept(). If it never ran (the proxy's accept queue was
+ * full, the proxy runs outside the cgroup subtree), the application's close alone frees
+ * the entry: no end is left that could ask, and nothing leaks.
  */
 #include "tproxy_conn.h"
 
-static __always_inline void tp_conn_closed(struct tp_conn_key *k)
+static __always_inline void tp_conn_closed(struct tp_conn_key *k, int app_end)
 {
 	struct tp_conn *c = tp_conns.lookup(k);
 
 	if (!c)
 		return;
+	if (app_end && !c->proxy_seen) {
+		tp_conns.delete(k);
+		tp_count(TP_R_CONN_RELEASED);
+		return;
+	}
 	/* Fetch-free add (works before 5.12's atomic fetch): of two ends closing at once at
 	 * least the later one reads 2; a second delete of the same key is harmless. */
 	__sync_fetch_and_add(&c->closed, 1);
-	if (c->closed >= 2) {
-		tp_conns.delete(k);
+	if (c->closed >= 2 && !tp_conns.delete(k))
 		tp_count(TP_R_CONN_RELEASED);
-	}
 }
 
 int sock_ops(struct bpf_sock_ops *skops)
@@ -56,18 +62,24 @@ int sock_ops(struct bpf_sock_ops *skops)
 		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 		break;
 	}
-	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: {
+		struct tp_conn *c;
+
 		tp_key_from_sockops(&k, skops, 1);
-		if (tp_conns.lookup(&k))
+		c = tp_conns.lookup(&k);
+		if (c) {
+			c->proxy_seen = 1;
 			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+		}
 		break;
+	}
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] != BPF_TCP_CLOSE)
 			break;
 		/* The application's end is the one with an sk_storage entry. */
 		orig = tp_sk_orig.sk_storage_get(sk, 0, 0);
 		tp_key_from_sockops(&k, skops, orig == NULL);
-		tp_conn_closed(&k);
+		tp_conn_closed(&k, orig != NULL);
 		break;
 	}
 	return 1;

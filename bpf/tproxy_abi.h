@@ -59,7 +59,8 @@
 #define TP_R_CONN_TRACK_FAILED 16 /* tp_conns full: SO_ORIGINAL_DST will miss for it */
 #define TP_R_CONN_RELEASED 17     /* both ends of a tracked connection closed */
 #define TP_R_PEERNAME_RESTORED 18 /* getpeername() showed the original destination */
-#define TP_R_COUNT 19
+#define TP_R_NO_STORAGE 19        /* sk_storage full: connection left direct, not half-captured */
+#define TP_R_COUNT 20
 
 struct tp_config {
 	__u32 flags;            /* TP_F_* */
@@ -121,10 +122,11 @@ struct tp_conn_key {
 struct tp_conn {
 	struct tp_orig_dst orig;
 	__u32 closed;           /* ends (application, proxy) that have closed */
+	__u32 proxy_seen;       /* the proxy's end exists (PASSIVE_ESTABLISHED ran for it) */
 };
 
 /* The instance's description, as JSON written by the loader (status reads it back). */
-#define TP_META_SIZE 4092
+#define TP_META_SIZE 65532
 struct tp_meta {
 	__u32 len;
 	char json[TP_META_SIZE];

@@ -87,11 +87,15 @@ static __always_inline int tp_addr_is_unspecified(const u8 *addr)
 	return tp_addr_is_zero(addr) || (tp_addr_is_mapped(addr) && w[3] == 0);
 }
 
-/* 127.0.0.1 or ::1: Kuma's rule g and the exception in rule d. */
+/* 127.0.0.1 or ::1: Kuma's rule g and the exception in rule d. A connect() to 0.0.0.0 or
+ * :: counts too: the kernel sends it to the loopback address, which is what iptables then
+ * sees. */
 static __always_inline int tp_addr_is_loopback1(const u8 *addr)
 {
 	const u32 *w = (const u32 *)addr;
 
+	if (tp_addr_is_unspecified(addr))
+		return 1;
 	if (tp_addr_is_mapped(addr))
 		return w[3] == bpf_htonl(0x7f000001);
 	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(1);
@@ -126,10 +130,11 @@ static __always_inline int tp_cidr_match(u8 gen, u8 kind, const u8 *addr)
 	return tp_cidrs.lookup(&k) != NULL;
 }
 
-/* "Local address" is Kuma's "-o lo": any address of the network namespace. */
+/* "Local address" is Kuma's "-o lo": any address of the network namespace, and the
+ * unspecified address, which the kernel routes to loopback. */
 static __always_inline int tp_addr_is_local(u8 gen, const u8 *addr)
 {
-	return tp_cidr_match(gen, TP_CIDR_LOCAL, addr);
+	return tp_addr_is_unspecified(addr) || tp_cidr_match(gen, TP_CIDR_LOCAL, addr);
 }
 
 static __always_inline int tp_uid_rule_matches(u8 gen, u32 i, u32 uid, u8 proto, u16 port)

@@ -46,11 +46,12 @@ REASONS = [
     ("TP_R_CONN_TRACK_FAILED", "conn_track_failed"),
     ("TP_R_CONN_RELEASED", "conn_released"),
     ("TP_R_PEERNAME_RESTORED", "peername_restored"),
+    ("TP_R_NO_STORAGE", "no_storage_left_direct"),
 ]
 TP_R_COUNT = len(REASONS)
 REASON_INDEX = {name: i for i, (_, name) in enumerate(REASONS)}
 
-TP_META_SIZE = 4092
+TP_META_SIZE = 65532
 
 
 class TpConfig(ct.Structure):
@@ -110,7 +111,7 @@ class TpConnKey(ct.Structure):
 
 
 class TpConn(ct.Structure):
-    _fields_ = [("orig", TpOrigDst), ("closed", ct.c_uint32)]
+    _fields_ = [("orig", TpOrigDst), ("closed", ct.c_uint32), ("proxy_seen", ct.c_uint32)]
 
 
 class TpMeta(ct.Structure):

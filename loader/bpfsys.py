@@ -53,6 +53,8 @@ def libbpf():
         lib.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
         lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
         lib.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+        lib.bpf_prog_get_fd_by_id.argtypes = [ct.c_uint32]
+        lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
         _lib = lib
     return _lib
 
@@ -86,12 +88,35 @@ def obj_get(path):
     return _check(libbpf().bpf_obj_get(os.fsencode(path)), f"bpf_obj_get({path})")
 
 
+def prog_fd_by_id(prog_id):
+    return _check(libbpf().bpf_prog_get_fd_by_id(prog_id), f"bpf_prog_get_fd_by_id({prog_id})")
+
+
+class _LinkInfo(ct.Structure):
+    """struct bpf_link_info, as far as a cgroup link needs: the union starts at 16."""
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("prog_id", ct.c_uint32),
+                ("pad", ct.c_uint32), ("cgroup_id", ct.c_uint64), ("attach_type", ct.c_uint32),
+                ("rest", ct.c_uint8 * 64)]
+
+
+def link_info(link_fd):
+    """{link_id, prog_id, cgroup_id, attach_type}; cgroup_id is 0 once the cgroup is gone
+    (the kernel auto-detaches a link whose cgroup was removed)."""
+    info = _LinkInfo()
+    ln = ct.c_uint32(ct.sizeof(info))
+    _check(libbpf().bpf_obj_get_info_by_fd(link_fd, ct.byref(info), ct.byref(ln)),
+           "bpf_obj_get_info_by_fd")
+    return {"link_id": info.id, "prog_id": info.prog_id, "cgroup_id": info.cgroup_id,
+            "attach_type": info.attach_type}
+
+
 class PinnedMap:
     """A pinned map opened by path, for reading and writing from userspace (status,
     uninstall, config updates) without compiling anything."""
 
-    def __init__(self, path, key_type, value_type, percpu=False):
+    def __init__(self, path, key_type, value_type, percpu=False, max_entries=1 << 20):
         self.fd = obj_get(path)
+        self.max_entries = max_entries
         self.key_type, self.value_type, self.percpu = key_type, value_type, percpu
         # Per-CPU values come back as one 8-byte-aligned slot per possible CPU.
         self.ncpu = _possible_cpus() if percpu else 1
@@ -129,15 +154,18 @@ class PinnedMap:
             _check(ret, "bpf_map_delete_elem")
 
     def keys(self):
-        out, prev = [], None
-        while True:
+        """The keys present. A hash map's walk restarts when the previous key is deleted
+        under it (churn), so keys are deduplicated and the walk is bounded."""
+        out, prev = {}, None
+        for _ in range(2 * self.max_entries):
             nxt = self.key_type()
             ret = libbpf().bpf_map_get_next_key(
                 self.fd, ct.byref(prev) if prev is not None else None, ct.byref(nxt))
             if ret < 0:
-                return out
-            out.append(nxt)
+                break
+            out.setdefault(bytes(nxt), nxt)
             prev = nxt
+        return list(out.values())
 
 
 def _possible_cpus():

@@ -419,21 +419,35 @@ class Settings:
     verbose: bool
 
     def kuma_view(self):
-        """The configuration in Kuma's camelCase terms (status, dry-run, meta)."""
+        """The configuration in Kuma's camelCase terms (status, dry-run, meta); port lists
+        as Kuma's comma strings with ranges, so a range of thousands stays short."""
         return {
             "kumaDPUser": self.dp_user,
             "ipFamilyMode": "dualstack" if self.ipv6 else "ipv4",
             "redirect": {"outbound": {
                 "enabled": self.outbound_enabled,
                 "port": self.outbound_port,
-                "includePorts": list(self.outbound_include_ports),
-                "excludePorts": list(self.outbound_exclude_ports),
+                "includePorts": compact_ports(self.outbound_include_ports),
+                "excludePorts": compact_ports(self.outbound_exclude_ports),
                 "excludePortsForIPs": list(self.outbound_exclude_ips),
                 "excludePortsForUIDs": [r.describe() for r in self.uid_rules],
             }, "inbound": {"port": self.inbound_port}},
             "ebpf": {"instanceIP": ",".join(x for x in (self.instance_ip4, self.instance_ip6) if x),
                      "bpffsPath": self.bpffs_path, "cgroupPath": self.cgroup_path},
         }
+
+
+def compact_ports(ports):
+    """[22, 80, 81, 82] -> "22,80-82" (Kuma accepts this form back)."""
+    out, ports = [], sorted(ports)
+    i = 0
+    while i < len(ports):
+        j = i
+        while j + 1 < len(ports) and ports[j + 1] == ports[j] + 1:
+            j += 1
+        out.append(str(ports[i]) if i == j else f"{ports[i]}-{ports[j]}")
+        i = j + 1
+    return ",".join(out)
 
 
 def resolve_dp_user(value):

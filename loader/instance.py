@@ -138,7 +138,7 @@ def _config_struct(settings, p):
         flags |= abi.TP_F_IPV6
     if settings.outbound_include_ports:
         flags |= abi.TP_F_OUT_INCLUDE
-    cfg = abi.TpConfig(flags=flags, dp_uid=settings.dp_uid,
+    cfg = abi.TpConfig(flags=flags, dp_uid=kernel.kernel_uid(settings.dp_uid),
                        outbound_port=settings.outbound_port,
                        inbound_port=settings.inbound_port,
                        n_uid_rules=len(settings.uid_rules),
@@ -161,7 +161,8 @@ class Maps:
         self.uid_rules = m("tp_uid_rules", ct.c_uint32, abi.TpUidRule)
         self.ports = m("tp_ports", abi.TpPortKey, ct.c_uint8)
         self.cidrs = m("tp_cidrs", abi.TpCidrKey, ct.c_uint8)
-        self.conns = m("tp_conns", abi.TpConnKey, abi.TpConn)
+        self.conns = bpfsys.PinnedMap(paths.map("tp_conns"), abi.TpConnKey, abi.TpConn,
+                                      max_entries=abi.TP_CONN_MAX)
         self.counters = m("tp_counters", ct.c_uint32, ct.c_uint64, percpu=True)
         self.meta = m("tp_meta", ct.c_uint32, abi.TpMeta)
 
@@ -195,8 +196,12 @@ class Maps:
         for net in p["local_networks"]:
             self.cidrs.update(abi.cidr_key(gen, abi.TP_CIDR_LOCAL, net), one)
         for i, r in enumerate(settings.uid_rules):
-            rule = abi.TpUidRule(uid_lo=r.uid_lo, uid_hi=r.uid_hi, protos=r.protos,
-                                 n_ranges=len(r.ports))
+            lo, hi = kernel.kernel_uid(r.uid_lo), kernel.kernel_uid(r.uid_hi)
+            if hi - lo != r.uid_hi - r.uid_lo:
+                raise ConfigError(f"--exclude-outbound-ports-for-uids: uids {r.uid_lo}-"
+                                  f"{r.uid_hi} span several user-namespace mappings; split "
+                                  "the range")
+            rule = abi.TpUidRule(uid_lo=lo, uid_hi=hi, protos=r.protos, n_ranges=len(r.ports))
             for j, (lo, hi) in enumerate(r.ports):
                 rule.ranges[j] = abi.TpPortRange(lo, hi)
             self.uid_rules.update(ct.c_uint32(gen * abi.TP_MAX_UID_RULES + i), rule)
@@ -208,9 +213,9 @@ class Maps:
     def write_meta(self, p):
         raw = json.dumps(p, separators=(",", ":")).encode()
         if len(raw) > abi.TP_META_SIZE:
-            # Keep the essentials; the local network list is the only unbounded part.
-            p = dict(p, local_networks=p["local_networks"][:8] + ["..."])
-            raw = json.dumps(p, separators=(",", ":")).encode()[:abi.TP_META_SIZE]
+            raise InstallError(f"the instance description is {len(raw)} bytes, over "
+                               f"{abi.TP_META_SIZE}; shorten the exclusion lists (use CIDRs "
+                               "and port ranges)")
         self.meta.update(ct.c_uint32(0), abi.TpMeta(len(raw), raw))
 
     def read_meta(self):
@@ -281,31 +286,64 @@ def _install_locked(settings, cgroup_path, paths, p, progress):
         _log(progress, f"writing configuration generation {new}")
         maps.clear_gen(new)
         maps.write_gen(new, settings, p)
-        for prog, fd in loaded:
-            pin = paths.link(prog.name)
-            if os.path.exists(pin):
-                link_fd = bpfsys.obj_get(pin)
-                try:
-                    bpfsys.link_update(link_fd, fd)
-                finally:
-                    os.close(link_fd)
-                _log(progress, f"updated {prog.hook} in place")
-            else:
-                link_fd = bpfsys.link_create(fd, cg_fd, prog.attach_type)
-                try:
-                    bpfsys.obj_pin(link_fd, pin)
-                finally:
-                    os.close(link_fd)
-                _log(progress, f"attached {prog.hook} to {cgroup_path}")
-            _test_pause("after-link")
+        cg_id = os.stat(cgroup_path).st_ino   # a cgroup2 directory's inode is its id
+        swapped = []   # (pin, fd of the program it ran before): an upgrade's rollback
+        try:
+            for prog, fd in loaded:
+                _attach(prog, fd, paths.link(prog.name), cg_fd, cg_id, swapped, progress)
+                _test_pause("after-link")
+        except BaseException:
+            for pin, old_fd in reversed(swapped):
+                with contextlib.suppress(OSError):
+                    link_fd = bpfsys.obj_get(pin)
+                    try:
+                        bpfsys.link_update(link_fd, old_fd)
+                    finally:
+                        os.close(link_fd)
+            if swapped:
+                _log(progress, f"restored the previous program on {len(swapped)} hooks")
+            raise
+        finally:
+            for _, old_fd in swapped:
+                os.close(old_fd)
+        # The old generation is left as it is, not cleared: a connect() that read the old
+        # tp_active a moment ago may still be using it. The next install clears it first.
         maps.flip(new)
-        maps.clear_gen(active)
         maps.write_meta(dict(p, installed_at=int(time.time()),
                              programs=[dict(name=pr.name, hook=pr.hook) for pr, _ in loaded]))
     finally:
         os.close(cg_fd)
         maps.close()
         bpf.cleanup()
+
+
+def _attach(prog, fd, pin, cg_fd, cg_id, swapped, progress):
+    """Point the hook's pinned link at the new program, or create and pin the link."""
+    if os.path.exists(pin):
+        link_fd = bpfsys.obj_get(pin)
+        try:
+            info = bpfsys.link_info(link_fd)
+            if info["cgroup_id"] == cg_id:
+                old_fd = bpfsys.prog_fd_by_id(info["prog_id"])
+                try:
+                    bpfsys.link_update(link_fd, fd)
+                except BaseException:
+                    os.close(old_fd)
+                    raise
+                swapped.append((pin, old_fd))
+                _log(progress, f"updated {prog.hook} in place")
+                return
+        finally:
+            os.close(link_fd)
+        # The cgroup was removed (and maybe made again): the kernel detached the link.
+        os.unlink(pin)
+        _log(progress, f"{prog.hook}: link was detached from a removed cgroup; re-attaching")
+    link_fd = bpfsys.link_create(fd, cg_fd, prog.attach_type)
+    try:
+        bpfsys.obj_pin(link_fd, pin)
+    finally:
+        os.close(link_fd)
+    _log(progress, f"attached {prog.hook} to {os.readlink(f'/proc/self/fd/{cg_fd}')}")
 
 
 def _test_pause(step):
@@ -404,23 +442,10 @@ def list_instances(bpffs):
     return sorted(os.listdir(root))
 
 
-class _LinkInfo(ct.Structure):
-    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("prog_id", ct.c_uint32),
-                ("pad", ct.c_uint32), ("cgroup_id", ct.c_uint64), ("attach_type", ct.c_uint32),
-                ("rest", ct.c_uint8 * 64)]
-
-
 def _link_info(pin):
     fd = bpfsys.obj_get(pin)
     try:
-        info = _LinkInfo()
-        ln = ct.c_uint32(ct.sizeof(info))
-        lib = bpfsys.libbpf()
-        lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
-        if lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(ln)) != 0:
-            return {"pin": pin}
-        return {"link_id": info.id, "prog_id": info.prog_id, "cgroup_id": info.cgroup_id,
-                "attach_type": info.attach_type}
+        return bpfsys.link_info(fd)
     finally:
         os.close(fd)
 
@@ -454,6 +479,12 @@ def status(bpffs, name=None):
                     entry["links"][ln] = _link_info(paths.link(ln))
                 except OSError as e:
                     entry["problems"].append(f"link {ln}: {e}")
+        cg = (entry["meta"] or {}).get("cgroup")
+        cg_id = os.stat(cg).st_ino if cg and os.path.isdir(cg) else None
+        for ln, info in entry["links"].items():
+            if info.get("cgroup_id") != cg_id:
+                entry["problems"].append(f"link {ln} is detached (its cgroup {cg} was removed"
+                                         "); run install again")
         expected = {p["name"] for p in (entry["meta"] or {}).get("programs", [])}
         for missing in sorted(expected - set(entry["links"])):
             entry["problems"].append(f"link {missing} missing; run install again")

@@ -161,3 +161,16 @@ def ensure_bpffs(path):
 def unmount(path):
     libc = ct.CDLL(None, use_errno=True)
     libc.umount2(os.fsencode(path), 0)
+
+
+def kernel_uid(uid, uid_map="/proc/self/uid_map"):
+    """A uid of this user namespace as BPF sees it (bpf_get_current_uid_gid() reports uids
+    of the initial namespace). Identity on a host; shifted inside a pod or container with
+    its own user namespace, where iptables' --uid-owner would use the namespace's view."""
+    with open(uid_map) as f:
+        for line in f:
+            inside, outside, count = (int(x) for x in line.split())
+            if inside <= uid < inside + count:
+                return outside + (uid - inside)
+    raise HostError(f"uid {uid} has no mapping in this user namespace ({uid_map}); give "
+                    "a uid that exists here")

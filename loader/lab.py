@@ -71,6 +71,9 @@ class Lab:
            "peer", "name", r, "netns", self.remote_ns)
         for ns, dev, ip4, ip6 in ((self.app_ns, a, APP_IP4, APP_IP6),
                                   (self.remote_ns, r, REMOTE_IP4, REMOTE_IP6)):
+            # No kernel-made link-local address appearing a moment after "up": the lab's
+            # addresses are all known when install reads them.
+            self.ip(ns, "link", "set", dev, "addrgenmode", "none")
             self.ip(ns, "addr", "add", f"{ip4}/24", "dev", dev)
             self.ip(ns, "-6", "addr", "add", f"{ip6}/64", "dev", dev, "nodad")
             self.ip(ns, "link", "set", dev, "up")

@@ -1,6 +1,6 @@
 """Small network programs for the lab (demo and tests), run inside lab namespaces.
 
-    python -m loader.labservers listen TAG:PORT [TAG:PORT ...]
+    python -m loader.labservers listen TAG:PORT [TAG:PORT ...] [--log F] [--accept-delay S]
         Dual-stack listeners. Each accepted connection gets one line back:
         "<TAG> orig=<SO_ORIGINAL_DST or -> peer=<client> local=<our address>", then close.
         This is what the rule tests use to see which listener a connection reached.
@@ -67,6 +67,7 @@ def dual_stack_listener(port, host="::"):
 
 
 def cmd_listen(args):
+    log = open(args.log, "a", buffering=1) if args.log else None
     sel = selectors.DefaultSelector()
     for spec in args.specs:
         tag, _, port = spec.rpartition(":")
@@ -76,6 +77,8 @@ def cmd_listen(args):
     print("ready", flush=True)
     while True:
         for key, _ in sel.select():
+            if args.accept_delay:
+                time.sleep(args.accept_delay)   # a slow proxy: accepts late on purpose
             try:
                 conn, _ = key.fileobj.accept()
             except BlockingIOError:
@@ -84,6 +87,8 @@ def cmd_listen(args):
                 orig = original_dst(conn) or "-"
                 line = f"{key.data} orig={orig} peer={fmt(conn.getpeername())} " \
                        f"local={fmt(conn.getsockname())}\n"
+                if log:
+                    log.write(line)
                 conn.setblocking(True)
                 try:
                     conn.sendall(line.encode())
@@ -132,7 +137,7 @@ def cmd_proxy(args):
             threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
 
 
-def connect_once(host, port, bind=None, timeout=5.0):
+def connect_once(host, port, bind=None, timeout=5.0, close_at_once=False):
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_STREAM)
     s.settimeout(timeout)
@@ -140,6 +145,8 @@ def connect_once(host, port, bind=None, timeout=5.0):
         if bind:
             s.bind((bind, 0))
         s.connect((host, port))
+        if close_at_once:
+            return "CLOSED", fmt(s.getpeername())
         data = b""
         while True:
             chunk = s.recv(4096)
@@ -165,7 +172,7 @@ def cmd_connect(args):
             results[kind] = results.get(kind, 0) + 1
         print(json.dumps({"results": results, "seconds": time.monotonic() - start}))
         return
-    line, peer = connect_once(args.host, args.port, args.bind)
+    line, peer = connect_once(args.host, args.port, args.bind, close_at_once=args.close_at_once)
     print(json.dumps({"line": line, "getpeername": peer}))
 
 
@@ -226,6 +233,8 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("listen")
     p.add_argument("specs", nargs="+")
+    p.add_argument("--log", help="also append each reply line to this file")
+    p.add_argument("--accept-delay", type=float, default=0.0, metavar="SECONDS")
     p = sub.add_parser("proxy")
     p.add_argument("--port", type=int, default=15001)
     p.add_argument("--log")
@@ -234,6 +243,8 @@ def main(argv=None):
     p.add_argument("port", type=int)
     p.add_argument("--bind")
     p.add_argument("--count", type=int, default=0)
+    p.add_argument("--close-at-once", action="store_true",
+                   help="close right after connect(), before the peer could accept")
     p = sub.add_parser("http")
     p.add_argument("port", type=int)
     p = sub.add_parser("validator")

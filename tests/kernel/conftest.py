@@ -38,10 +38,11 @@ def install(lab, *args, ok=True):
     return r
 
 
-def reached(lab, host, port, user=APP_UID, bind=None, ns=None):
+def reached(lab, host, port, user=APP_UID, bind=None, ns=None, close_at_once=False):
     """Which listener a connect() from the app (as user) reached: the reply line."""
     import json
     args = ["connect", host, str(port)] + (["--bind", bind] if bind else [])
+    args += ["--close-at-once"] if close_at_once else []
     r = lab.py(*args, user=user, ns=ns)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)

@@ -67,7 +67,7 @@ def test_update_in_place_has_no_gap(lab):
             client.wait()
     results = json.loads(out)["results"]
     assert list(results) == [f"out orig={REMOTE_IP4}:8000 local=127.0.0.1:15001"], results
-    assert status(lab)[0]["meta"]["config"]["redirect"]["outbound"]["excludePorts"] == [4]
+    assert status(lab)[0]["meta"]["config"]["redirect"]["outbound"]["excludePorts"] == "4"
 
 
 def _killed_mid_install(lab):
@@ -149,3 +149,37 @@ def test_install_failing_halfway_rolls_back_everything(lab, tmp_path):
     assert not kernel.is_bpffs(str(d))
     assert cgroup_attachments(lab.cgroup) == []
     assert wait_back_to(before) == {}
+
+
+def test_failed_upgrade_restores_the_previous_programs(lab):
+    listeners(lab)
+    install(lab, "--exclude-outbound-ports", "1")
+    first = status(lab)[0]
+    r = lab.tproxy("install", "--kuma-dp-user", DP_USER, "--exclude-outbound-ports", "8000",
+                   env=dict(lab.env(), EBPF_TPROXY_TEST_FAIL="after-link"))
+    assert r.returncode == 1, r.stderr
+    after = status(lab)[0]
+    assert after["problems"] == []
+    assert {k: v["prog_id"] for k, v in after["links"].items()} == \
+        {k: v["prog_id"] for k, v in first["links"].items()}
+    assert after["meta"]["config"] == first["meta"]["config"]
+    assert reached(lab, REMOTE_IP4, 8000)["line"].startswith("out ")   # 8000 not excluded
+
+
+def test_recreated_cgroup_is_reported_and_reinstall_reattaches(lab):
+    import os
+    cg = lab.cgroup + "-re"
+    os.mkdir(cg)
+    try:
+        install(lab, "--ebpf-cgroup-path", cg, "--name", "re")
+        os.rmdir(cg)          # the kernel detaches the links of a removed cgroup
+        os.mkdir(cg)
+        st = json.loads(lab.tproxy("status", "--name", "re", "--output", "json").stdout)[0]
+        assert any("detached" in p for p in st["problems"]), st["problems"]
+        install(lab, "--ebpf-cgroup-path", cg, "--name", "re")
+        st = json.loads(lab.tproxy("status", "--name", "re", "--output", "json").stdout)[0]
+        assert st["problems"] == []
+        assert len(cgroup_attachments(cg)) == 6
+    finally:
+        lab.tproxy("uninstall", "--name", "re")
+        os.rmdir(cg)

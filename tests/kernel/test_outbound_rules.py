@@ -115,6 +115,14 @@ def test_rule4e_app_to_local_address_goes_direct(captured, f):
         assert reached(captured, host, 8000)["line"].startswith("local "), host
 
 
+@pytest.mark.parametrize("unspecified", ["0.0.0.0", "::"])
+def test_connect_to_the_unspecified_address_is_local(captured, unspecified):
+    # The kernel sends connect(0.0.0.0) to loopback, so iptables sees 127.0.0.1 there.
+    install(captured)
+    assert reached(captured, unspecified, 8000)["line"].startswith("local ")
+    assert reached(captured, unspecified, 8000, user=DP_UID)["line"].startswith("local ")
+
+
 @pytest.mark.parametrize("f", FAMILIES)
 def test_rule4f_dp_user_upstream_goes_direct(captured, f):
     install(captured)

@@ -147,3 +147,9 @@ def test_too_many_uid_rules():
     rules = [f"{i}" for i in range(abi.TP_MAX_UID_RULES + 1)]
     with pytest.raises(ConfigError, match="at most 32"):
         load(flags={"redirect.outbound.excludePortsForUIDs": rules})
+
+
+def test_port_lists_are_stored_compactly():
+    assert config.compact_ports([22, 80, 81, 82, 1000]) == "22,80-82,1000"
+    assert config.compact_ports(range(1000, 2001)) == "1000-2000"
+    assert config.compact_ports([]) == ""

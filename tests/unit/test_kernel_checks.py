@@ -20,3 +20,16 @@ def test_repeated_port_flag_last_wins_and_ips_accumulate():
     assert flags["redirect.outbound.excludePorts"] == "3"
     assert flags["redirect.outbound.excludePortsForIPs"] == ["10.0.0.1", "10.0.0.2,10.0.0.3"]
     assert flags["redirect.outbound.excludePortsForUIDs"] == ["1:2", "3:4"]
+
+
+def test_uids_are_translated_through_the_user_namespace_map(tmp_path):
+    import pytest
+    m = tmp_path / "uid_map"
+    m.write_text("         0     100000      65536\n")
+    assert kernel.kernel_uid(5678, str(m)) == 105678
+    assert kernel.kernel_uid(0, str(m)) == 100000
+    with pytest.raises(kernel.HostError, match="no mapping"):
+        kernel.kernel_uid(70000, str(m))
+    ident = tmp_path / "ident"
+    ident.write_text("0 0 4294967295\n")
+    assert kernel.kernel_uid(65534, str(ident)) == 65534
