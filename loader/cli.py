@@ -272,6 +272,10 @@ def install(**kw):
         fail(str(e), EXIT_FAILED)
     except OSError as e:
         fail(f"install failed and was rolled back: {e}", EXIT_FAILED)
+    if not p["netns_cookie"]:
+        click.echo("ebpf-tproxy: warning: this kernel cannot name network namespaces "
+                   "(SO_NETNS_COOKIE needs 5.14): sockets of every namespace in the cgroup "
+                   "are captured, so give each pod its own cgroup", err=True)
     click.echo(f"installed {settings.name!r}: outbound TCP of {cgroup} -> "
                f"port {settings.outbound_port} (DP user {settings.dp_user}, uid "
                f"{settings.dp_uid}, source {p['instance_ip4'] or '-'}"
