@@ -16,8 +16,13 @@
  * the accepted socket, before accept(). If it never ran (the proxy's accept queue was
  * full, the proxy runs outside the cgroup subtree), the application's close alone frees
  * the entry: no end is left that could ask, and nothing leaks.
+ *
+ * Inbound: BPF_SOCK_OPS_TCP_LISTEN_CB registers the proxy's listener on the inbound port
+ * in tp_listeners for sk_lookup, so a restarted proxy is picked up at its listen(), with
+ * no reinstall. Accepted inbound sockets are marked in tp_sk_inbound for getsockopt.
  */
 #include "tproxy_conn.h"
+#include "tproxy_inbound.h"
 
 static __always_inline void tp_conn_closed(struct tp_conn_key *k, int app_end)
 {
@@ -35,6 +40,58 @@ static __always_inline void tp_conn_closed(struct tp_conn_key *k, int app_end)
 	__sync_fetch_and_add(&c->closed, 1);
 	if (c->closed >= 2 && !tp_conns.delete(k))
 		tp_count(TP_R_CONN_RELEASED);
+}
+
+/* Is this socket in the instance's network namespace? Only then may it become the
+ * target of the namespace's sk_lookup, which would otherwise hand connections across
+ * namespaces. Kernels without bpf_get_netns_cookie() in sock_ops (before 5.15) are built
+ * without the check (the loader probes), like connect4/6 without SO_NETNS_COOKIE. */
+static __always_inline int tp_sockops_in_netns(struct bpf_sock_ops *skops,
+					       const struct tp_config *cfg)
+{
+#ifdef TP_SOCKOPS_NETNS_COOKIE
+	return !cfg->netns_cookie || bpf_get_netns_cookie(skops) == cfg->netns_cookie;
+#else
+	return 1;
+#endif
+}
+
+static __always_inline void tp_register_listener(struct bpf_sock_ops *skops)
+{
+	struct tp_config *cfg;
+	u32 key;
+	long err;
+	u8 gen;
+
+	cfg = tp_active_config(&gen);
+	if (!cfg || (u16)skops->local_port != cfg->inbound_port || !(cfg->flags & TP_F_INBOUND))
+		return;
+	if (!tp_sockops_in_netns(skops, cfg))
+		return;
+	key = skops->family == TP_AF_INET ? TP_LISTENER_V4 : TP_LISTENER_V6;
+	/* BCC expands sock_map_update() into a statement: it cannot sit in a condition. */
+	err = tp_listeners.sock_map_update(skops, &key, BPF_ANY);
+	if (!err)
+		tp_count(TP_R_IN_LISTENER_SET);
+}
+
+/* An accepted socket that sk_lookup steered to the proxy: the same decision again, on
+ * the same four values (the proxy's socket has the address the client dialed). */
+static __always_inline void tp_mark_inbound(struct bpf_sock_ops *skops, struct bpf_sock *sk,
+					    const struct tp_conn_key *k)
+{
+	struct tp_config *cfg;
+	u32 reason, *mark;
+	u8 gen;
+
+	cfg = tp_active_config(&gen);
+	if (!cfg || !tp_sockops_in_netns(skops, cfg))
+		return;
+	if (!tp_inbound_decide(gen, cfg, k->app_addr, k->proxy_port, &reason))
+		return;
+	mark = tp_sk_inbound.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (mark)
+		*mark = 1;
 }
 
 int sock_ops(struct bpf_sock_ops *skops)
@@ -70,9 +127,14 @@ int sock_ops(struct bpf_sock_ops *skops)
 		if (c) {
 			c->proxy_seen = 1;
 			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+		} else {
+			tp_mark_inbound(skops, sk, &k);
 		}
 		break;
 	}
+	case BPF_SOCK_OPS_TCP_LISTEN_CB:
+		tp_register_listener(skops);
+		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] != BPF_TCP_CLOSE)
 			break;

@@ -28,12 +28,21 @@
 #define TP_F_OUTBOUND 0x1        /* redirect.outbound.enabled */
 #define TP_F_IPV6 0x2            /* ipFamilyMode dualstack: IPv6 is captured too */
 #define TP_F_OUT_INCLUDE 0x4     /* redirect.outbound.includePorts is set */
+#define TP_F_INBOUND 0x8         /* redirect.inbound.enabled */
+#define TP_F_IN_INCLUDE 0x10     /* redirect.inbound.includePorts is set */
 
 /* Kinds of entries in tp_ports and tp_cidrs. */
 #define TP_PORT_EXCLUDE_OUT 1    /* --exclude-outbound-ports */
 #define TP_PORT_INCLUDE_OUT 2    /* redirect.outbound.includePorts */
+#define TP_PORT_EXCLUDE_IN 3     /* --exclude-inbound-ports */
+#define TP_PORT_INCLUDE_IN 4     /* redirect.inbound.includePorts */
 #define TP_CIDR_EXCLUDE_OUT 1    /* --exclude-outbound-ips */
 #define TP_CIDR_LOCAL 2          /* addresses of the network namespace ("-o lo") */
+#define TP_CIDR_EXCLUDE_IN 3     /* --exclude-inbound-ips (source addresses) */
+
+/* Keys of tp_listeners: the proxy's listening sockets on the inbound port. */
+#define TP_LISTENER_V4 0         /* AF_INET listener (0.0.0.0 or an address) */
+#define TP_LISTENER_V6 1         /* AF_INET6 listener; serves IPv4 too unless V6ONLY */
 
 /* tp_uid_rule.protos */
 #define TP_PROTO_TCP 0x1
@@ -60,7 +69,16 @@
 #define TP_R_CONN_RELEASED 17     /* both ends of a tracked connection closed */
 #define TP_R_PEERNAME_RESTORED 18 /* getpeername() showed the original destination */
 #define TP_R_NO_STORAGE 19        /* sk_storage full: connection left direct, not half-captured */
-#define TP_R_COUNT 20
+#define TP_R_IN_OFF 20            /* inbound: redirect.inbound.enabled=false */
+#define TP_R_IN_LOCAL_SOURCE 21   /* inbound: from this namespace, not the network: untouched */
+#define TP_R_IN_EXCL_IP 22        /* inbound: source in --exclude-inbound-ips */
+#define TP_R_IN_NOT_INCLUDED 23   /* inbound: includePorts set, port not in it */
+#define TP_R_IN_EXCL_PORT 24      /* inbound: port in --exclude-inbound-ports */
+#define TP_R_IN_REDIRECT 25       /* inbound: steered to the proxy's inbound listener */
+#define TP_R_IN_NO_LISTENER 26    /* inbound: no proxy listening: refused, never delivered around it */
+#define TP_R_IN_LISTENER_SET 27   /* the proxy's listener on the inbound port was registered */
+#define TP_R_IN_ORIG_DST_ANSWERED 28 /* SO_ORIGINAL_DST answered for an inbound connection */
+#define TP_R_COUNT 29
 
 struct tp_config {
 	__u32 flags;            /* TP_F_* */

@@ -34,6 +34,27 @@ BPF_TABLE_PINNED("sk_storage", int, struct tp_orig_dst, tp_sk_orig, 0, TP_PIN(tp
  * connection's entry is never evicted. */
 BPF_TABLE_PINNED("hash", struct tp_conn_key, struct tp_conn, tp_conns, TP_CONN_MAX,
 		 TP_PIN(tp_conns), BPF_F_NO_PREALLOC);
+/* Inbound connections the proxy accepted through sk_lookup: the socket's own local address
+ * is the original destination (no NAT), so a mark is all getsockopt needs. */
+BPF_TABLE_PINNED("sk_storage", int, u32, tp_sk_inbound, 0, TP_PIN(tp_sk_inbound),
+		 BPF_F_NO_PREALLOC);
+
+/* The proxy's listening sockets on the inbound port (TP_LISTENER_V4/V6), for sk_lookup.
+ * BCC's BPF_SOCKMAP has sock_map_update() but no lookup(), and no pinning; this is the
+ * same table declaration with both methods, pinned like the others. The kernel removes
+ * an entry by itself when its socket closes, so a stopped proxy leaves no stale socket. */
+struct tp_listeners_table_t {
+	u32 key;
+	u64 leaf;   /* 8 bytes: userspace reads back the socket's cookie (status) */
+	u64 *(*lookup)(u32 *);
+	int (*delete)(u32 *);
+	int (*sock_map_update)(void *, void *, u64);
+	u32 max_entries;
+	int flags;
+};
+__attribute__((section("maps/sockmap:" TP_PIN(tp_listeners))))
+struct tp_listeners_table_t tp_listeners = { .max_entries = 2 };
+
 BPF_TABLE_PINNED("percpu_array", u32, u64, tp_counters, TP_R_COUNT, TP_PIN(tp_counters));
 BPF_TABLE_PINNED("array", u32, struct tp_meta, tp_meta, 1, TP_PIN(tp_meta));
 

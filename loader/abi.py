@@ -16,11 +16,19 @@ TP_SO_ORIGINAL_DST = 80
 TP_F_OUTBOUND = 0x1
 TP_F_IPV6 = 0x2
 TP_F_OUT_INCLUDE = 0x4
+TP_F_INBOUND = 0x8
+TP_F_IN_INCLUDE = 0x10
 
 TP_PORT_EXCLUDE_OUT = 1
 TP_PORT_INCLUDE_OUT = 2
+TP_PORT_EXCLUDE_IN = 3
+TP_PORT_INCLUDE_IN = 4
 TP_CIDR_EXCLUDE_OUT = 1
 TP_CIDR_LOCAL = 2
+TP_CIDR_EXCLUDE_IN = 3
+
+TP_LISTENER_V4 = 0
+TP_LISTENER_V6 = 1
 
 TP_PROTO_TCP = 0x1
 TP_PROTO_UDP = 0x2
@@ -47,6 +55,15 @@ REASONS = [
     ("TP_R_CONN_RELEASED", "conn_released"),
     ("TP_R_PEERNAME_RESTORED", "peername_restored"),
     ("TP_R_NO_STORAGE", "no_storage_left_direct"),
+    ("TP_R_IN_OFF", "inbound_disabled"),
+    ("TP_R_IN_LOCAL_SOURCE", "inbound_local_source"),
+    ("TP_R_IN_EXCL_IP", "inbound_excluded_ip"),
+    ("TP_R_IN_NOT_INCLUDED", "inbound_not_in_include_ports"),
+    ("TP_R_IN_EXCL_PORT", "inbound_excluded_port"),
+    ("TP_R_IN_REDIRECT", "redirected_inbound"),
+    ("TP_R_IN_NO_LISTENER", "inbound_refused_no_listener"),
+    ("TP_R_IN_LISTENER_SET", "inbound_listener_registered"),
+    ("TP_R_IN_ORIG_DST_ANSWERED", "inbound_orig_dst_answered"),
 ]
 TP_R_COUNT = len(REASONS)
 REASON_INDEX = {name: i for i, (_, name) in enumerate(REASONS)}

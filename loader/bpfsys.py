@@ -19,11 +19,17 @@ CGROUP_INET6_CONNECT = 11
 CGROUP_GETSOCKOPT = 21
 CGROUP_INET4_GETPEERNAME = 29
 CGROUP_INET6_GETPEERNAME = 30
+SK_LOOKUP = 36
 
 # enum bpf_prog_type
 PROG_SOCK_OPS = 13
 PROG_CGROUP_SOCK_ADDR = 18
 PROG_CGROUP_SOCKOPT = 25
+PROG_SK_LOOKUP = 30
+
+# enum bpf_link_type
+LINK_TYPE_CGROUP = 3
+LINK_TYPE_NETNS = 5
 
 SO_NETNS_COOKIE = 71  # kernel >= 5.14
 
@@ -93,21 +99,22 @@ def prog_fd_by_id(prog_id):
 
 
 class _LinkInfo(ct.Structure):
-    """struct bpf_link_info, as far as a cgroup link needs: the union starts at 16."""
+    """struct bpf_link_info, as far as cgroup and netns links need: the union starts at
+    16 with cgroup {u64 cgroup_id; u32 attach_type} or netns {u32 netns_ino; u32 ...}."""
     _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("prog_id", ct.c_uint32),
-                ("pad", ct.c_uint32), ("cgroup_id", ct.c_uint64), ("attach_type", ct.c_uint32),
-                ("rest", ct.c_uint8 * 64)]
+                ("pad", ct.c_uint32), ("target", ct.c_uint64), ("rest", ct.c_uint8 * 64)]
 
 
 def link_info(link_fd):
-    """{link_id, prog_id, cgroup_id, attach_type}; cgroup_id is 0 once the cgroup is gone
-    (the kernel auto-detaches a link whose cgroup was removed)."""
+    """{link_id, prog_id, target_id}: target_id is the cgroup's id (its inode) or the
+    network namespace's inode, and 0 once that target is gone (the kernel detaches a link
+    whose cgroup was removed or whose namespace was destroyed)."""
     info = _LinkInfo()
     ln = ct.c_uint32(ct.sizeof(info))
     _check(libbpf().bpf_obj_get_info_by_fd(link_fd, ct.byref(info), ct.byref(ln)),
            "bpf_obj_get_info_by_fd")
-    return {"link_id": info.id, "prog_id": info.prog_id, "cgroup_id": info.cgroup_id,
-            "attach_type": info.attach_type}
+    target = info.target if info.type == LINK_TYPE_CGROUP else info.target & 0xFFFFFFFF
+    return {"link_id": info.id, "prog_id": info.prog_id, "target_id": target}
 
 
 class PinnedMap:

@@ -70,8 +70,8 @@ KUMA_OPTIONS = [
                  "else user kuma-dp)."),
     click.option("--redirect-outbound-port", help="Proxy's outbound listener (default 15001)."),
     click.option("--redirect-inbound-port", help="Proxy's inbound listener (default 15006)."),
-    bool_option("--redirect-inbound", "Inbound capture (not implemented yet: only "
-                "--redirect-inbound=false changes nothing)."),
+    bool_option("--redirect-inbound", "Capture connections from other hosts for the "
+                "inbound port (default true; gateways use --redirect-inbound=false)."),
     click.option("--exclude-outbound-ports", multiple=True, metavar="PORTS",
                  help="Comma list of ports sent direct; repeated flag: last wins."),
     click.option("--exclude-outbound-ips", multiple=True, metavar="CIDRS",
@@ -81,9 +81,10 @@ KUMA_OPTIONS = [
                  help="Ports sent direct for these uids, e.g. tcp:53,3000-5000:106-108; "
                  "repeatable."),
     click.option("--exclude-inbound-ports", multiple=True, metavar="PORTS",
-                 help="(inbound capture: not implemented yet)"),
+                 help="Comma list of ports delivered to the application directly (default "
+                 "22); repeated flag: last wins."),
     click.option("--exclude-inbound-ips", multiple=True, metavar="CIDRS",
-                 help="(inbound capture: not implemented yet)"),
+                 help="Source IPs/CIDRs delivered directly; repeatable and comma lists."),
     bool_option("--redirect-dns", "(DNS capture: not implemented yet)"),
     bool_option("--redirect-all-dns-traffic", "(DNS capture: not implemented yet)"),
     click.option("--redirect-dns-port", help="(DNS capture: not implemented yet)"),
@@ -191,6 +192,7 @@ def check(ebpf_cgroup_path, ebpf_bpffs_path, output):
     Exits 0 only if every required check passes.
     """
     from . import probe
+    from .programs import PROGRAMS
     checks = [kernel.check_kernel_version(), kernel.check_cgroup2(ebpf_cgroup_path),
               kernel.check_bpffs(ebpf_bpffs_path), kernel.check_privileges(),
               kernel.check_bcc(), kernel.check_headers()]
@@ -199,12 +201,18 @@ def check(ebpf_cgroup_path, ebpf_bpffs_path, output):
         progress("probing each hook by loading a tiny program")
         try:
             for feature, ok, err, progs in probe.probe_hooks():
-                from .programs import PROGRAMS
-                optional = [p for p in PROGRAMS if p.name in progs and not p.required]
-                fix = "" if ok else (f"without it {optional[0].missing_means}" if optional
-                                     else "this kernel lacks a hook install needs")
+                mine = [p for p in PROGRAMS if p.name in progs]
+                required = any(p.required for p in mine)
+                if ok:
+                    fix = ""
+                elif required:
+                    fix = "this kernel lacks a hook install needs"
+                elif mine:
+                    fix = f"without it, {mine[0].missing_means}"
+                else:
+                    fix = probe.FEATURE_FALLBACK[feature]
                 checks.append(kernel.Check(feature, ok, "loads" if ok else err, fix,
-                                           required=not optional))
+                                           required=required))
         except Exception as e:
             checks.append(kernel.Check("BPF compile", False, str(e).splitlines()[0],
                                        "run 'make setup' (headers, python3-bpfcc)"))
@@ -276,8 +284,10 @@ def install(**kw):
         click.echo("ebpf-tproxy: warning: this kernel cannot name network namespaces "
                    "(SO_NETNS_COOKIE needs 5.14): sockets of every namespace in the cgroup "
                    "are captured, so give each pod its own cgroup", err=True)
+    inbound = (f", inbound TCP from other hosts -> port {settings.inbound_port}"
+               if settings.inbound_enabled else "")
     click.echo(f"installed {settings.name!r}: outbound TCP of {cgroup} -> "
-               f"port {settings.outbound_port} (DP user {settings.dp_user}, uid "
+               f"port {settings.outbound_port}{inbound} (DP user {settings.dp_user}, uid "
                f"{settings.dp_uid}, source {p['instance_ip4'] or '-'}"
                f"{' / ' + p['instance_ip6'] if p['instance_ip6'] else ''})")
 
@@ -307,11 +317,24 @@ def status(name, ebpf_bpffs_path, output):
             click.echo(f"  netns cookie  {meta.get('netns_cookie', '?')}")
             click.echo(f"  source IPs    {meta.get('instance_ip4') or '-'} "
                        f"{meta.get('instance_ip6') or ''}")
-            out = meta.get("config", {}).get("redirect", {}).get("outbound", {})
+            red = meta.get("config", {}).get("redirect", {})
+            out, inb = red.get("outbound", {}), red.get("inbound", {})
             click.echo(f"  outbound      port {out.get('port')}  exclude ports "
-                       f"{out.get('excludePorts')}  exclude IPs {out.get('excludePortsForIPs')}"
-                       f"  uids {out.get('excludePortsForUIDs')}")
-            click.echo(f"  inbound       {meta.get('inbound_capture', '?')}")
+                       f"[{out.get('excludePorts')}]  exclude IPs "
+                       f"{out.get('excludePortsForIPs')}  uids {out.get('excludePortsForUIDs')}")
+            if inb.get("enabled"):
+                lst = e.get("inbound_listeners") or {}
+                click.echo(f"  inbound       port {inb.get('port')}  exclude ports "
+                           f"[{inb.get('excludePorts')}]  exclude IPs "
+                           f"{inb.get('excludePortsForIPs')}"
+                           + (f"  include ports [{inb['includePorts']}]"
+                              if inb.get("includePorts") else ""))
+                click.echo("  proxy listener " + (", ".join(
+                    f"{fam} (socket cookie {c})" for fam, c in lst.items())
+                    or "none registered: inbound connections are refused until the proxy "
+                       "listens"))
+            else:
+                click.echo("  inbound       not captured (redirect.inbound.enabled=false)")
             for ln, info in e["links"].items():
                 click.echo(f"  link {ln:<22} link id {info.get('link_id')}  prog id "
                            f"{info.get('prog_id')}")

@@ -37,7 +37,8 @@ SCHEMA = {
             "enabled": (True, "bool"),
             "port": (15006, "port"),
             "includePorts": ([], "ports"),
-            "excludePorts": ([], "ports"),
+            # The seeds' default: SSH to the host keeps working. A list replaces it.
+            "excludePorts": ([22], "ports"),
             "excludePortsForIPs": ([], "cidrs"),
             "excludePortsForUIDs": ([], "strs"),
         },
@@ -74,14 +75,13 @@ SCHEMA = {
 # Keys whose non-default values this version cannot honour yet. They are refused, never
 # silently ignored: a mesh that believes DNS or inbound is captured when it is not leaks.
 NOT_YET = {
-    "redirect.inbound.includePorts": "inbound capture is not implemented yet",
-    "redirect.inbound.excludePorts": "inbound capture is not implemented yet",
-    "redirect.inbound.excludePortsForIPs": "inbound capture is not implemented yet",
-    "redirect.inbound.excludePortsForUIDs": "inbound capture is not implemented yet",
+    "redirect.inbound.excludePortsForUIDs": "inbound connections come from other hosts, "
+                                            "whose uids are unknown here",
     "redirect.dns.enabled": "DNS capture is not implemented yet",
     "redirect.dns.captureAll": "DNS capture is not implemented yet",
     "redirect.vnet.networks": "--vnet (bridged traffic as outbound) is not implemented",
-    "ebpf.tcAttachIface": "no tc program is used: inbound capture will not need an interface",
+    "ebpf.tcAttachIface": "no tc program is used: inbound capture (sk_lookup) needs no "
+                          "interface",
     "ebpf.programsSourcePath": "the programs are built in; there is no source path to set",
     "storeFirewalld": "not applicable to eBPF (no firewalld rules are written)",
 }
@@ -373,6 +373,7 @@ FLAG_FOR = {
     "ipFamilyMode": "--ip-family-mode",
     "redirect.inbound.enabled": "--redirect-inbound",
     "redirect.inbound.port": "--redirect-inbound-port",
+    "redirect.inbound.includePorts": "redirect.inbound.includePorts",
     "redirect.inbound.excludePorts": "--exclude-inbound-ports",
     "redirect.inbound.excludePortsForIPs": "--exclude-inbound-ips",
     "redirect.outbound.port": "--redirect-outbound-port",
@@ -411,6 +412,10 @@ class Settings:
     outbound_exclude_ports: tuple
     outbound_exclude_ips: tuple
     uid_rules: tuple
+    inbound_enabled: bool
+    inbound_include_ports: tuple
+    inbound_exclude_ports: tuple
+    inbound_exclude_ips: tuple
     instance_ip4: str
     instance_ip6: str
     cgroup_path: str
@@ -431,7 +436,13 @@ class Settings:
                 "excludePorts": compact_ports(self.outbound_exclude_ports),
                 "excludePortsForIPs": list(self.outbound_exclude_ips),
                 "excludePortsForUIDs": [r.describe() for r in self.uid_rules],
-            }, "inbound": {"port": self.inbound_port}},
+            }, "inbound": {
+                "enabled": self.inbound_enabled,
+                "port": self.inbound_port,
+                "includePorts": compact_ports(self.inbound_include_ports),
+                "excludePorts": compact_ports(self.inbound_exclude_ports),
+                "excludePortsForIPs": list(self.inbound_exclude_ips),
+            }},
             "ebpf": {"instanceIP": ",".join(x for x in (self.instance_ip4, self.instance_ip6) if x),
                      "bpffsPath": self.bpffs_path, "cgroupPath": self.cgroup_path},
         }
@@ -511,6 +522,10 @@ def settings_from(values, name="default"):
         outbound_exclude_ports=tuple(values["redirect.outbound.excludePorts"]),
         outbound_exclude_ips=tuple(values["redirect.outbound.excludePortsForIPs"]),
         uid_rules=rules,
+        inbound_enabled=values["redirect.inbound.enabled"],
+        inbound_include_ports=tuple(values["redirect.inbound.includePorts"]),
+        inbound_exclude_ports=tuple(values["redirect.inbound.excludePorts"]),
+        inbound_exclude_ips=tuple(values["redirect.inbound.excludePortsForIPs"]),
         instance_ip4=ip4,
         instance_ip6=ip6,
         cgroup_path=values["ebpf.cgroupPath"],

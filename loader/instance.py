@@ -26,7 +26,7 @@ import os
 import shutil
 import time
 
-from . import __version__, abi, bpfsys, kernel, netinfo, programs
+from . import __version__, abi, bpfsys, kernel, listeners, netinfo, probe, programs
 from .config import ConfigError, Settings
 
 ROOT_DIR = "ebpf-tproxy"
@@ -80,6 +80,11 @@ def _log(progress, msg):
 
 # ------------------------------------------------------------------------- the plan
 
+def netns_inode():
+    """The caller's network namespace, as link info names it."""
+    return os.stat("/proc/self/ns/net").st_ino
+
+
 def plan(settings: Settings, local_nets, instance_ips, cgroup_path, netns_cookie):
     """Everything install would write, as data (printed by --dry-run, stored as meta)."""
     ip4 = settings.instance_ip4 or instance_ips[0]
@@ -98,46 +103,50 @@ def plan(settings: Settings, local_nets, instance_ips, cgroup_path, netns_cookie
         "cgroup": cgroup_path,
         "bpffs": settings.bpffs_path,
         "netns_cookie": netns_cookie,
+        "netns_inode": netns_inode(),
         "instance_ip4": ip4,
         "instance_ip6": ip6 if settings.ipv6 else "",
         "local_networks": list(local_nets),
         "dp_uid": settings.dp_uid,
         "config": settings.kuma_view(),
-        "programs": [{"name": p.name, "hook": p.hook, "attach": cgroup_path}
+        "programs": [{"name": p.name, "hook": p.hook,
+                      "attach": cgroup_path if p.target == "cgroup" else
+                      f"network namespace (inode {netns_inode()})"}
                      for p in programs.PROGRAMS],
-        "inbound_capture": "not implemented in this version (connections from other hosts "
-                           "reach the application directly)",
     }
 
 
 def map_contents(settings, p):
     """What install writes into the maps (generation-independent), for --dry-run."""
     return {
-        "tp_config": {"flags": [n for n, f in (("outbound", settings.outbound_enabled),
-                                               ("ipv6", settings.ipv6),
-                                               ("include_ports",
-                                                bool(settings.outbound_include_ports)))
-                                if f],
+        "tp_config": {"flags": [n for n, f in _flags(settings) if f],
                       "dp_uid": settings.dp_uid, "outbound_port": settings.outbound_port,
                       "inbound_port": settings.inbound_port,
                       "netns_cookie": p["netns_cookie"], "instance_ip4": p["instance_ip4"],
                       "instance_ip6": p["instance_ip6"]},
         "tp_ports": {"exclude_outbound": list(settings.outbound_exclude_ports),
-                     "include_outbound": list(settings.outbound_include_ports)},
+                     "include_outbound": list(settings.outbound_include_ports),
+                     "exclude_inbound": list(settings.inbound_exclude_ports),
+                     "include_inbound": list(settings.inbound_include_ports)},
         "tp_cidrs": {"exclude_outbound": list(settings.outbound_exclude_ips),
+                     "exclude_inbound": list(settings.inbound_exclude_ips),
                      "local": list(p["local_networks"])},
         "tp_uid_rules": [r.describe() for r in settings.uid_rules],
     }
 
 
+def _flags(settings):
+    """(name, set?) for each tp_config flag, in TP_F_* order."""
+    return (("outbound", settings.outbound_enabled), ("ipv6", settings.ipv6),
+            ("outbound_include_ports", bool(settings.outbound_include_ports)),
+            ("inbound", settings.inbound_enabled),
+            ("inbound_include_ports", bool(settings.inbound_include_ports)))
+
+
 def _config_struct(settings, p):
-    flags = 0
-    if settings.outbound_enabled:
-        flags |= abi.TP_F_OUTBOUND
-    if settings.ipv6:
-        flags |= abi.TP_F_IPV6
-    if settings.outbound_include_ports:
-        flags |= abi.TP_F_OUT_INCLUDE
+    bits = (abi.TP_F_OUTBOUND, abi.TP_F_IPV6, abi.TP_F_OUT_INCLUDE, abi.TP_F_INBOUND,
+            abi.TP_F_IN_INCLUDE)
+    flags = sum(bit for bit, (_, on) in zip(bits, _flags(settings)) if on)
     cfg = abi.TpConfig(flags=flags, dp_uid=kernel.kernel_uid(settings.dp_uid),
                        outbound_port=settings.outbound_port,
                        inbound_port=settings.inbound_port,
@@ -191,8 +200,14 @@ class Maps:
             self.ports.update(abi.TpPortKey(gen, abi.TP_PORT_EXCLUDE_OUT, port), one)
         for port in settings.outbound_include_ports:
             self.ports.update(abi.TpPortKey(gen, abi.TP_PORT_INCLUDE_OUT, port), one)
+        for port in settings.inbound_exclude_ports:
+            self.ports.update(abi.TpPortKey(gen, abi.TP_PORT_EXCLUDE_IN, port), one)
+        for port in settings.inbound_include_ports:
+            self.ports.update(abi.TpPortKey(gen, abi.TP_PORT_INCLUDE_IN, port), one)
         for net in settings.outbound_exclude_ips:
             self.cidrs.update(abi.cidr_key(gen, abi.TP_CIDR_EXCLUDE_OUT, net), one)
+        for net in settings.inbound_exclude_ips:
+            self.cidrs.update(abi.cidr_key(gen, abi.TP_CIDR_EXCLUDE_IN, net), one)
         for net in p["local_networks"]:
             self.cidrs.update(abi.cidr_key(gen, abi.TP_CIDR_LOCAL, net), one)
         for i, r in enumerate(settings.uid_rules):
@@ -251,6 +266,11 @@ def install(settings: Settings, cgroup_path, progress=None):
                 raise InstallError(
                     f"instance {settings.name!r} is attached to {existing.get('cgroup')}; "
                     f"uninstall it first or choose another --name for {cgroup_path}")
+            if existing and existing.get("netns_inode") not in (None, p["netns_inode"]):
+                raise InstallError(
+                    f"instance {settings.name!r} belongs to another network namespace "
+                    f"(inode {existing['netns_inode']}); uninstall it first or choose "
+                    "another --name")
             try:
                 _install_locked(settings, cgroup_path, paths, p, progress)
             except BaseException:
@@ -267,30 +287,39 @@ def install(settings: Settings, cgroup_path, progress=None):
 def _install_locked(settings, cgroup_path, paths, p, progress):
     os.makedirs(paths.maps, exist_ok=True)
     os.makedirs(paths.links, exist_ok=True)
-    _log(progress, "compiling the BPF programs (BCC)")
-    bpf = programs.compile_programs(paths.maps)
+    _log(progress, "probing kernel features")
+    features = probe.build_features(probe.probe_hooks())
+    _log(progress, "compiling the BPF programs (BCC)"
+         + (f" with {', '.join(features)}" if features else ""))
+    bpf = programs.compile_programs(paths.maps, features)
     maps = Maps(paths)
-    cg_fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+    targets = {"cgroup": os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY),
+               "netns": os.open("/proc/self/ns/net", os.O_RDONLY)}
+    # a cgroup2 directory's inode is its id; a netns is named by its inode
+    target_ids = {"cgroup": os.stat(cgroup_path).st_ino, "netns": p["netns_inode"]}
     try:
         loaded = []
         for prog in programs.PROGRAMS:
+            needed = prog.required or (prog.target == "netns" and settings.inbound_enabled)
             try:
                 loaded.append((prog, programs.load(bpf, prog)))
             except Exception as e:
-                if prog.required:
-                    raise InstallError(f"the kernel refused {prog.hook}: "
-                                       f"{str(e).splitlines()[0]}; run 'ebpf-tproxy check'")
+                why = str(e).splitlines()[0]
+                if needed:
+                    raise InstallError(f"the kernel refused {prog.hook} ({why})"
+                                       + (f": {prog.missing_means}" if not prog.required
+                                          else "; run 'ebpf-tproxy check'"))
                 _log(progress, f"warning: {prog.hook} unavailable, so {prog.missing_means}")
         active = maps.active_gen()
         new = active ^ 1
         _log(progress, f"writing configuration generation {new}")
         maps.clear_gen(new)
         maps.write_gen(new, settings, p)
-        cg_id = os.stat(cgroup_path).st_ino   # a cgroup2 directory's inode is its id
         swapped = []   # (pin, fd of the program it ran before): an upgrade's rollback
         try:
             for prog, fd in loaded:
-                _attach(prog, fd, paths.link(prog.name), cg_fd, cg_id, swapped, progress)
+                _attach(prog, fd, paths.link(prog.name), targets[prog.target],
+                        target_ids[prog.target], swapped, progress)
                 _test_pause("after-link")
         except BaseException:
             for pin, old_fd in reversed(swapped):
@@ -309,21 +338,28 @@ def _install_locked(settings, cgroup_path, paths, p, progress):
         # The old generation is left as it is, not cleared: a connect() that read the old
         # tp_active a moment ago may still be using it. The next install clears it first.
         maps.flip(new)
-        maps.write_meta(dict(p, installed_at=int(time.time()),
-                             programs=[dict(name=pr.name, hook=pr.hook) for pr, _ in loaded]))
+        maps.write_meta(dict(p, installed_at=int(time.time()), features=list(features),
+                             programs=[dict(name=pr.name, hook=pr.hook, target=pr.target)
+                                       for pr, _ in loaded]))
+        if settings.inbound_enabled:
+            found = listeners.register_existing(paths.map("tp_listeners"),
+                                                settings.inbound_port, cgroup_path)
+            for line in found:
+                _log(progress, line)
     finally:
-        os.close(cg_fd)
+        for fd in targets.values():
+            os.close(fd)
         maps.close()
         bpf.cleanup()
 
 
-def _attach(prog, fd, pin, cg_fd, cg_id, swapped, progress):
+def _attach(prog, fd, pin, target_fd, target_id, swapped, progress):
     """Point the hook's pinned link at the new program, or create and pin the link."""
     if os.path.exists(pin):
         link_fd = bpfsys.obj_get(pin)
         try:
             info = bpfsys.link_info(link_fd)
-            if info["cgroup_id"] == cg_id:
+            if info["target_id"] == target_id:
                 old_fd = bpfsys.prog_fd_by_id(info["prog_id"])
                 try:
                     bpfsys.link_update(link_fd, fd)
@@ -337,13 +373,14 @@ def _attach(prog, fd, pin, cg_fd, cg_id, swapped, progress):
             os.close(link_fd)
         # The cgroup was removed (and maybe made again): the kernel detached the link.
         os.unlink(pin)
-        _log(progress, f"{prog.hook}: link was detached from a removed cgroup; re-attaching")
-    link_fd = bpfsys.link_create(fd, cg_fd, prog.attach_type)
+        _log(progress, f"{prog.hook}: link was detached from a removed {prog.target}; "
+                       "re-attaching")
+    link_fd = bpfsys.link_create(fd, target_fd, prog.attach_type)
     try:
         bpfsys.obj_pin(link_fd, pin)
     finally:
         os.close(link_fd)
-    _log(progress, f"attached {prog.hook} to {os.readlink(f'/proc/self/fd/{cg_fd}')}")
+    _log(progress, f"attached {prog.hook} to {os.readlink(f'/proc/self/fd/{target_fd}')}")
 
 
 def _test_pause(step):
@@ -471,6 +508,10 @@ def status(bpffs, name=None):
             entry["active_generation"] = maps.active_gen()
         finally:
             maps.close()
+        try:
+            entry["inbound_listeners"] = listeners.registered(paths.map("tp_listeners"))
+        except OSError:
+            entry["inbound_listeners"] = {}
         if entry["meta"] is None:
             entry["problems"].append("install did not finish; run install again or uninstall")
         if os.path.isdir(paths.links):
@@ -479,12 +520,16 @@ def status(bpffs, name=None):
                     entry["links"][ln] = _link_info(paths.link(ln))
                 except OSError as e:
                     entry["problems"].append(f"link {ln}: {e}")
-        cg = (entry["meta"] or {}).get("cgroup")
-        cg_id = os.stat(cg).st_ino if cg and os.path.isdir(cg) else None
+        meta = entry["meta"] or {}
+        cg = meta.get("cgroup")
+        want = {"cgroup": os.stat(cg).st_ino if cg and os.path.isdir(cg) else None,
+                "netns": meta.get("netns_inode")}
+        kinds = {pr["name"]: pr.get("target", "cgroup") for pr in meta.get("programs", [])}
         for ln, info in entry["links"].items():
-            if info.get("cgroup_id") != cg_id:
-                entry["problems"].append(f"link {ln} is detached (its cgroup {cg} was removed"
-                                         "); run install again")
+            kind = kinds.get(ln, "cgroup")
+            if info.get("target_id") != want[kind]:
+                entry["problems"].append(f"link {ln} is detached (its {kind} is gone); run "
+                                         "install again")
         expected = {p["name"] for p in (entry["meta"] or {}).get("programs", [])}
         for missing in sorted(expected - set(entry["links"])):
             entry["problems"].append(f"link {missing} missing; run install again")

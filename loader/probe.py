@@ -27,6 +27,14 @@ int probe_sock_ops(struct bpf_sock_ops *skops)
 		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 	return 1;
 }
+int probe_sock_ops_netns(struct bpf_sock_ops *skops)
+{
+	return bpf_get_netns_cookie(skops) ? 1 : 1;
+}
+int probe_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+	return SK_PASS;
+}
 int probe_getsockopt(struct bpf_sockopt *ctx)
 {
 	ctx->optlen = 0;
@@ -48,7 +56,20 @@ PROBES = (
      bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET4_GETPEERNAME, ("getpeername4",)),
     ("cgroup/getpeername6", "probe_getpeername6",
      bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET6_GETPEERNAME, ("getpeername6",)),
+    ("netns/sk_lookup", "probe_sk_lookup",
+     bpfsys.PROG_SK_LOOKUP, bpfsys.SK_LOOKUP, ("sk_lookup_inbound",)),
+    ("sock_ops netns cookie", "probe_sock_ops_netns",
+     bpfsys.PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS, ()),
 )
+
+# Probed features that change how the programs are built: probe name -> -D macro.
+FEATURE_MACROS = {"sock_ops netns cookie": "TP_SOCKOPS_NETNS_COOKIE"}
+FEATURE_FALLBACK = {"sock_ops netns cookie": "without it (before 5.15), the proxy's inbound "
+                    "listener is registered without checking its network namespace"}
+
+
+def build_features(results):
+    return tuple(FEATURE_MACROS[f] for f, ok, _, _ in results if ok and f in FEATURE_MACROS)
 
 
 def probe_hooks():

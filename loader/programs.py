@@ -11,7 +11,7 @@ import re
 from . import bpfsys
 
 BPF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf")
-PROGRAM_FILES = ("connect.c", "sock_ops.c", "getsockopt.c", "getpeername.c")
+PROGRAM_FILES = ("connect.c", "sock_ops.c", "getsockopt.c", "getpeername.c", "sk_lookup.c")
 _INCLUDE = re.compile(r'^\s*#include "([^"]+)"\s*$')
 
 
@@ -23,6 +23,7 @@ class Program:
     hook: str           # what `status` and `check` call it
     required: bool      # False: missing on this kernel -> documented fallback
     missing_means: str  # what the user loses without it
+    target: str = "cgroup"   # attached to the cgroup, or to the network namespace
 
 
 PROGRAMS = (
@@ -40,6 +41,9 @@ PROGRAMS = (
     Program("getpeername6", bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET6_GETPEERNAME,
             "cgroup/getpeername6", False,
             "applications see [::1]:<outbound port> from getpeername() (needs 5.8)"),
+    Program("sk_lookup_inbound", bpfsys.PROG_SK_LOOKUP, bpfsys.SK_LOOKUP, "netns/sk_lookup",
+            False, "no inbound capture (needs 5.9): install with --redirect-inbound=false",
+            target="netns"),
 )
 
 
@@ -61,11 +65,13 @@ def source(files=PROGRAM_FILES, bpf_dir=BPF_DIR):
     return "".join(expand(f) for f in files)
 
 
-def compile_programs(pin_dir):
+def compile_programs(pin_dir, features=()):
     """Build every program with BCC; maps are opened at (or created and pinned under)
-    pin_dir. Returns the bcc.BPF object."""
+    pin_dir. features: probed kernel features, each a -D macro (TP_SOCKOPS_NETNS_COOKIE).
+    Returns the bcc.BPF object."""
     from bcc import BPF
-    return BPF(text=source().encode(), cflags=[f'-DTP_PIN_DIR="{pin_dir}"'])
+    cflags = [f'-DTP_PIN_DIR="{pin_dir}"'] + [f"-D{f}" for f in features]
+    return BPF(text=source().encode(), cflags=cflags)
 
 
 def load(bpf, prog):

@@ -27,11 +27,14 @@ def test_dry_run_prints_the_plan_and_changes_nothing(lab):
                    "--exclude-outbound-ips", "10.0.0.0/8", "--dry-run")
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
-    assert [p["hook"] for p in plan["programs"]] == [
-        "cgroup/connect4", "cgroup/connect6", "cgroup/sock_ops", "cgroup/getsockopt",
-        "cgroup/getpeername4", "cgroup/getpeername6"]
-    assert all(p["attach"] == lab.cgroup for p in plan["programs"])
     maps = plan["maps"]
+    hooks = {p["hook"]: p["attach"] for p in plan["programs"]}
+    assert list(hooks) == ["cgroup/connect4", "cgroup/connect6", "cgroup/sock_ops",
+                           "cgroup/getsockopt", "cgroup/getpeername4", "cgroup/getpeername6",
+                           "netns/sk_lookup"]
+    assert all(v == lab.cgroup for k, v in hooks.items() if k.startswith("cgroup/"))
+    assert hooks["netns/sk_lookup"].startswith("network namespace")
+    assert maps["tp_ports"]["exclude_inbound"] == [22]
     assert maps["tp_ports"]["exclude_outbound"] == [22]
     assert maps["tp_cidrs"]["exclude_outbound"] == ["10.0.0.0/8"]
     assert "198.18.0.1/32" in maps["tp_cidrs"]["local"]   # the lab namespace's address

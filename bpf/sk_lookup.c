@@ -1,0 +1,59 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * sk_lookup.c - sk_lookup attached to the network namespace (kernel >= 5.9): TCP
+ * connections arriving from other hosts are handed to the proxy's inbound listener, as
+ * Kuma's nat PREROUTING REDIRECT to 15006 does.
+ *
+ * No packet is rewritten: the kernel's listener lookup picks the proxy's socket (held in
+ * tp_listeners) instead of the application's, once per connection, at the SYN. The
+ * accepted socket's local address is the address the client dialed, which is therefore
+ * what getsockname() and SO_ORIGINAL_DST return to the proxy. Established connections
+ * never reach this program, so install and uninstall leave them alone.
+ */
+#include "tproxy_inbound.h"
+
+int sk_lookup_inbound(struct bpf_sk_lookup *ctx)
+{
+	struct tp_config *cfg;
+	struct bpf_sock *sk;
+	u32 reason = 0, key;
+	u8 remote[16];
+	u8 gen = 0;
+	long err;
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	cfg = tp_active_config(&gen);
+	if (!cfg)
+		return SK_PASS;
+	if (ctx->family == TP_AF_INET)
+		tp_addr_from_ip4(remote, ctx->remote_ip4);
+	else
+		tp_addr_from_ctx_ip6(remote, ctx->remote_ip6);
+	if (!tp_inbound_decide(gen, cfg, remote, (u16)ctx->local_port, &reason)) {
+		tp_count(reason);
+		return SK_PASS;
+	}
+	/* An AF_INET6 listener that is not V6ONLY takes IPv4 too (Envoy's [::]:15006). */
+	key = ctx->family == TP_AF_INET ? TP_LISTENER_V4 : TP_LISTENER_V6;
+	sk = (struct bpf_sock *)tp_listeners.lookup(&key);
+	if (!sk && ctx->family == TP_AF_INET) {
+		key = TP_LISTENER_V6;
+		sk = (struct bpf_sock *)tp_listeners.lookup(&key);
+	}
+	if (!sk) {
+		/* No proxy: refuse (SK_DROP ends the lookup with no socket, so the client
+		 * gets a RST), as iptables' REDIRECT to a closed port would. Never deliver the
+		 * connection around the proxy. */
+		tp_count(TP_R_IN_NO_LISTENER);
+		return SK_DROP;
+	}
+	err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	if (err) {
+		tp_count(TP_R_IN_NO_LISTENER);
+		return SK_DROP;
+	}
+	tp_count(TP_R_IN_REDIRECT);
+	return SK_PASS;
+}

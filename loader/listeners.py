@@ -1,0 +1,115 @@
+"""Registering a proxy that was already listening before install.
+
+sock_ops registers the proxy's inbound listener when it calls listen(). A proxy started
+before install has already done that, so install finds its listening socket itself: the
+socket table of the namespace (/proc/net/tcp, tcp6) gives the inode of each socket
+listening on the inbound port, /proc/PID/fd gives a process of the captured cgroup that
+holds it, and pidfd_getfd() (Linux >= 5.6) gives install a copy of the descriptor to put
+in tp_listeners. Later restarts are sock_ops' job again.
+"""
+import ctypes as ct
+import os
+
+from . import abi, bpfsys, kernel
+
+SYS_PIDFD_GETFD = 438   # the same number on x86_64 and arm64
+TCP_LISTEN = "0A"
+
+
+def listening_inodes(port):
+    """{inode: family key} of sockets listening on port in this network namespace."""
+    out = {}
+    for path, key in (("/proc/net/tcp", abi.TP_LISTENER_V4), ("/proc/net/tcp6",
+                                                               abi.TP_LISTENER_V6)):
+        try:
+            with open(path) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    if cols[3] == TCP_LISTEN and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                        out[int(cols[9])] = key
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def _in_cgroup(pid, cgroup_rel):
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    path = line[3:].strip()
+                    return path == cgroup_rel or path.startswith(cgroup_rel.rstrip("/") + "/")
+    except OSError:
+        pass
+    return False
+
+
+def _holders(inodes, cgroup_rel):
+    """(pid, fd, inode) for each wanted socket, held by a process of the cgroup subtree."""
+    want = {f"socket:[{i}]": i for i in inodes}
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if not _in_cgroup(pid, cgroup_rel):
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target in want and want[target] not in found:
+                found[want[target]] = (int(pid), int(fd))
+    return found
+
+
+def _dup_from(pid, fd):
+    libc = ct.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        new = libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if new < 0:
+            raise OSError(ct.get_errno(), os.strerror(ct.get_errno()))
+        return new
+    finally:
+        os.close(pidfd)
+
+
+def register_existing(sockmap_pin, port, cgroup_path):
+    """Put already-listening proxy sockets into tp_listeners. Returns lines for --verbose."""
+    root = kernel.cgroup2_mount() or "/"
+    cgroup_rel = "/" + os.path.relpath(cgroup_path, root).lstrip(".")
+    inodes = listening_inodes(port)
+    if not inodes:
+        return [f"no proxy listens on port {port} yet: it is registered when it does"]
+    lines = []
+    with bpfsys.PinnedMap(sockmap_pin, ct.c_uint32, ct.c_uint64) as sockmap:
+        for inode, (pid, fd) in _holders(inodes, cgroup_rel).items():
+            try:
+                mine = _dup_from(pid, fd)
+            except OSError as e:
+                lines.append(f"cannot take the listener of pid {pid} ({e}); restart the proxy")
+                continue
+            try:
+                sockmap.update(ct.c_uint32(inodes[inode]), ct.c_uint64(mine))
+                lines.append(f"registered the listener of pid {pid} on port {port}")
+            finally:
+                os.close(mine)
+    return lines
+
+
+def registered(sockmap_pin):
+    """{"ipv4"/"ipv6": socket cookie} of the listeners sk_lookup steers to now."""
+    out = {}
+    with bpfsys.PinnedMap(sockmap_pin, ct.c_uint32, ct.c_uint64) as sockmap:
+        for key, name in ((abi.TP_LISTENER_V4, "ipv4"), (abi.TP_LISTENER_V6, "ipv6")):
+            try:
+                v = sockmap.lookup(ct.c_uint32(key))
+            except OSError:
+                v = None
+            if v is not None:
+                out[name] = v.value
+    return out
