@@ -180,11 +180,11 @@ class Lab:
         for p in self.procs:
             if p.poll() is None:
                 try:
-                    os.killpg(p.pid, signal.SIGKILL)
+                    os.killpg(p.pid, signal.SIGKILL)   # spawn() made it a group leader
                 except ProcessLookupError:
-                    pass
+                    p.kill()
             p.wait()
-            for f in (p.stdout, p.stderr):
+            for f in (p.stdin, p.stdout, p.stderr):
                 if f:
                     f.close()
         self.procs = []

@@ -10,6 +10,10 @@
     python -m loader.labservers connect HOST PORT [--bind ADDR] [--count N]
         Connect, print the line received (or REFUSED / the error), or with --count N
         make N connections and print one summary line of JSON.
+    python -m loader.labservers echo PORT
+        Echo server (a long-lived application connection).
+    python -m loader.labservers hold HOST PORT
+        Connect once and keep the connection: each stdin line is sent, its echo printed.
     python -m loader.labservers http PORT
         An HTTP server that answers every GET with "client=<peer> server=<local>".
     python -m loader.labservers validator [--ipv6]
@@ -176,6 +180,23 @@ def cmd_connect(args):
     print(json.dumps({"line": line, "getpeername": peer}))
 
 
+def cmd_echo(args):
+    srv = dual_stack_listener(args.port)
+    print("ready", flush=True)
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=_pipe, args=(conn, conn), daemon=True).start()
+
+
+def cmd_hold(args):
+    s = socket.create_connection((args.host, args.port), timeout=10)
+    print("ready", flush=True)
+    f = s.makefile("rb")
+    for line in sys.stdin:
+        s.sendall(line.encode())
+        print(f.readline().decode().strip() or "EOF", flush=True)
+
+
 def cmd_http(args):
     import http.server
 
@@ -245,13 +266,19 @@ def main(argv=None):
     p.add_argument("--count", type=int, default=0)
     p.add_argument("--close-at-once", action="store_true",
                    help="close right after connect(), before the peer could accept")
+    p = sub.add_parser("echo")
+    p.add_argument("port", type=int)
+    p = sub.add_parser("hold")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
     p = sub.add_parser("http")
     p.add_argument("port", type=int)
     p = sub.add_parser("validator")
     p.add_argument("--ipv6", action="store_true")
     args = ap.parse_args(argv)
     {"listen": cmd_listen, "proxy": cmd_proxy, "connect": cmd_connect,
-     "validator": cmd_validator, "http": cmd_http}[args.cmd](args)
+     "validator": cmd_validator, "http": cmd_http, "echo": cmd_echo,
+     "hold": cmd_hold}[args.cmd](args)
 
 
 if __name__ == "__main__":
