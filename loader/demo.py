@@ -49,14 +49,20 @@ def run(pause=False):
                       ns=lab.remote_ns, in_cgroup=False)
             log = lab.shared_file("proxy.log", "")
             os.chmod(log, 0o666)
-            lab.spawn([sys.executable, "-m", "loader.labservers", "proxy", "--port", "15001",
-                       "--log", log], user=DP_USER)
-            print(f"remote: HTTP server on :8080; app host: transparent proxy on :15001 "
-                  f"as {DP_USER!r} (the DP user)")
+            for port, extra in (("15001", []), ("15006", ["--passthrough"])):
+                lab.spawn([sys.executable, "-m", "loader.labservers", "proxy", "--port", port,
+                           "--log", log] + extra, user=DP_USER)
+            lab.spawn([sys.executable, "-m", "loader.labservers", "http", "8080"])
+            print(f"remote host: HTTP server on :8080\napp host: the application's HTTP "
+                  f"server on :8080, and a transparent proxy on :15001 (outbound) and :15006 "
+                  f"(inbound) running as {DP_USER!r}, the DP user")
 
-            step("before capture: the application talks to the remote host directly")
-            show(f"curl http://{REMOTE_IP4}:8080/",
+            step("before capture: both hosts talk to each other directly")
+            show(f"(app) curl http://{REMOTE_IP4}:8080/",
                  lab.run(["curl", "-sS", "-m", "5", f"http://{REMOTE_IP4}:8080/"]))
+            show(f"(remote) curl http://{APP_IP4}:8080/",
+                 lab.run(["curl", "-sS", "-m", "5", f"http://{APP_IP4}:8080/"],
+                         ns=lab.remote_ns, in_cgroup=False))
 
             step("install capture (BCC compiles and loads the programs: a few seconds)")
             r = lab.tproxy("install", "--kuma-dp-user", DP_USER, "--verbose")
@@ -67,9 +73,13 @@ def run(pause=False):
 
             step("captured: the same requests now go through the proxy")
             for url in (f"http://{REMOTE_IP4}:8080/", f"http://[{REMOTE_IP6}]:8080/"):
-                show(f"curl {url}", lab.run(["curl", "-sS", "-g", "-m", "5", "-w",
-                                             " (curl's peer: %{remote_ip}:%{remote_port})",
-                                             url]))
+                show(f"(app) curl {url}", lab.run(["curl", "-sS", "-g", "-m", "5", "-w",
+                                                   " (curl's peer: %{remote_ip}:%{remote_port})",
+                                                   url]))
+            show(f"(remote) curl http://{APP_IP4}:8080/",
+                 lab.run(["curl", "-sS", "-m", "5", f"http://{APP_IP4}:8080/"],
+                         ns=lab.remote_ns, in_cgroup=False))
+            print("(inbound: the application sees the proxy's passthrough source 127.0.0.6)")
             print("the proxy's log (each line is one getsockopt(SO_ORIGINAL_DST) answer):")
             with open(log) as f:
                 print("  " + f.read().rstrip().replace("\n", "\n  "))
@@ -81,8 +91,11 @@ def run(pause=False):
 
             step("uninstall: traffic is released")
             show("ebpf-tproxy uninstall", lab.tproxy("uninstall"))
-            show(f"curl http://{REMOTE_IP4}:8080/",
+            show(f"(app) curl http://{REMOTE_IP4}:8080/",
                  lab.run(["curl", "-sS", "-m", "5", f"http://{REMOTE_IP4}:8080/"]))
+            show(f"(remote) curl http://{APP_IP4}:8080/",
+                 lab.run(["curl", "-sS", "-m", "5", f"http://{APP_IP4}:8080/"],
+                         ns=lab.remote_ns, in_cgroup=False))
             links, pins = our_kernel_objects(lab)
             print(f"cgroup attachments left: {len(links)}; pins left: {len(pins)}")
         step("lab removed (namespaces, cgroup, bpffs mount): the host is as it was")

@@ -4,8 +4,10 @@
         Dual-stack listeners. Each accepted connection gets one line back:
         "<TAG> orig=<SO_ORIGINAL_DST or -> peer=<client> local=<our address>", then close.
         This is what the rule tests use to see which listener a connection reached.
-    python -m loader.labservers proxy --port 15001 [--log FILE]
+    python -m loader.labservers proxy --port 15001 [--log FILE] [--passthrough]
         A small transparent proxy: reads SO_ORIGINAL_DST, logs it, forwards the bytes.
+        --passthrough (the inbound side) connects from 127.0.0.6 / ::6, as Envoy's inbound
+        passthrough does, so the forwarded connection is not captured again (Kuma rule 4c).
         A missing answer is logged loudly and the connection dropped: never a loop to itself.
     python -m loader.labservers connect HOST PORT [--bind ADDR] [--count N]
         Connect, print the line received (or REFUSED / the error), or with --count N
@@ -129,10 +131,14 @@ def cmd_proxy(args):
                       "(a proxy without it would connect to itself)\n")
             conn.close()
             continue
-        log.write(f"proxy: {fmt(peer)} -> original destination {orig}\n")
+        log.write(f"proxy :{args.port}: {fmt(peer)} -> original destination {orig}\n")
         host, _, port = orig.rpartition(":")
+        host = host.strip("[]")
+        source = None
+        if args.passthrough:
+            source = ("::6" if ":" in host else "127.0.0.6", 0)
         try:
-            up = socket.create_connection((host.strip("[]"), int(port)), timeout=5)
+            up = socket.create_connection((host, int(port)), timeout=5, source_address=source)
         except OSError as e:
             log.write(f"proxy: upstream {orig} failed: {e}\n")
             conn.close()
@@ -259,6 +265,7 @@ def main(argv=None):
     p = sub.add_parser("proxy")
     p.add_argument("--port", type=int, default=15001)
     p.add_argument("--log")
+    p.add_argument("--passthrough", action="store_true")
     p = sub.add_parser("connect")
     p.add_argument("host")
     p.add_argument("port", type=int)
