@@ -17,7 +17,7 @@
 
 /* Layout version: part of the pin directory, so an incompatible loader never reuses the
  * maps of an older one by accident. Bump it when any struct below changes. */
-#define TP_ABI_VERSION 1
+#define TP_ABI_VERSION 2
 
 #define TP_MAX_UID_RULES 32      /* --exclude-outbound-ports-for-uids entries */
 #define TP_MAX_PORT_RANGES 16    /* port ranges in one such entry */
@@ -30,6 +30,8 @@
 #define TP_F_OUT_INCLUDE 0x4     /* redirect.outbound.includePorts is set */
 #define TP_F_INBOUND 0x8         /* redirect.inbound.enabled */
 #define TP_F_IN_INCLUDE 0x10     /* redirect.inbound.includePorts is set */
+#define TP_F_DNS 0x20            /* redirect.dns.enabled: UDP 53 to resolv.conf's servers */
+#define TP_F_DNS_ALL 0x40        /* redirect.dns.captureAll: all UDP 53 */
 
 /* Kinds of entries in tp_ports and tp_cidrs. */
 #define TP_PORT_EXCLUDE_OUT 1    /* --exclude-outbound-ports */
@@ -39,6 +41,7 @@
 #define TP_CIDR_EXCLUDE_OUT 1    /* --exclude-outbound-ips */
 #define TP_CIDR_LOCAL 2          /* addresses of the network namespace ("-o lo") */
 #define TP_CIDR_EXCLUDE_IN 3     /* --exclude-inbound-ips (source addresses) */
+#define TP_CIDR_DNS_SERVER 4     /* nameservers of resolv.conf (redirect.dns.resolvConfigPath) */
 
 /* Keys of tp_listeners: the proxy's listening sockets on the inbound port. */
 #define TP_LISTENER_V4 0         /* AF_INET listener (0.0.0.0 or an address) */
@@ -78,13 +81,20 @@
 #define TP_R_IN_NO_LISTENER 26    /* inbound: no proxy listening: refused, never delivered around it */
 #define TP_R_IN_LISTENER_SET 27   /* the proxy's listener on the inbound port was registered */
 #define TP_R_IN_ORIG_DST_ANSWERED 28 /* SO_ORIGINAL_DST answered for an inbound connection */
-#define TP_R_COUNT 29
+#define TP_R_DNS_DP_DIRECT 29     /* DNS rule: UDP 53 from the DP user goes direct */
+#define TP_R_DNS_REDIRECT 30      /* DNS rule: UDP 53 -> the DNS port */
+#define TP_R_DNS_TCP_DIRECT 31    /* DNS rule: TCP 53 from anyone but the DP user: direct */
+#define TP_R_DNS_MAPPED_SKIPPED 32 /* UDP 53 to ::ffff:a.b.c.d on an IPv6 socket: not redirectable */
+#define TP_R_DNS_REPLY_RESTORED 33 /* a DNS reply's source shown as the server queried */
+#define TP_R_COUNT 34
 
 struct tp_config {
 	__u32 flags;            /* TP_F_* */
 	__u32 dp_uid;           /* --kuma-dp-user */
 	__u16 outbound_port;    /* --redirect-outbound-port */
 	__u16 inbound_port;     /* --redirect-inbound-port */
+	__u16 dns_port;         /* --redirect-dns-port */
+	__u16 pad;
 	__u32 n_uid_rules;      /* entries used in tp_uid_rules for this generation */
 	__u64 netns_cookie;     /* only sockets of this netns are touched; 0 = any */
 	__u8 instance_ip4[16];  /* source for redirected IPv4 connections (mapped); 0 = none */

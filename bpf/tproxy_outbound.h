@@ -14,6 +14,7 @@ enum tp_verdict {
 	TP_DIRECT = 0,
 	TP_TO_OUTBOUND,
 	TP_TO_INBOUND,
+	TP_TO_DNS,
 };
 
 struct tp_conn_attempt {
@@ -38,6 +39,11 @@ static __always_inline enum tp_verdict tp_outbound_decide(u8 gen, const struct t
 	/* 2. -A OUTPUT -d CIDR -j RETURN (--exclude-outbound-ips) */
 	if (tp_cidr_match(gen, TP_CIDR_EXCLUDE_OUT, a->dst)) {
 		*reason = TP_R_EXCL_IP;
+		return TP_DIRECT;
+	}
+	/* 3. -A OUTPUT -p tcp --dport 53 -m owner ! --uid-owner DP -j RETURN (DNS enabled) */
+	if ((cfg->flags & (TP_F_DNS | TP_F_DNS_ALL)) && a->dst_port == 53 && !is_dp) {
+		*reason = TP_R_DNS_TCP_DIRECT;
 		return TP_DIRECT;
 	}
 	/* 4a. redirect.outbound.enabled=false: no OUTPUT -j KUMA_MESH_OUTBOUND at all. */
@@ -93,6 +99,38 @@ static __always_inline enum tp_verdict tp_outbound_decide(u8 gen, const struct t
 	/* -A KUMA_MESH_OUTBOUND -j KUMA_MESH_OUTBOUND_REDIRECT (REDIRECT --to-ports 15001) */
 	*reason = TP_R_REDIRECT_OUT;
 	return TP_TO_OUTBOUND;
+}
+
+/* The same list for UDP: rules 1 and 2, then Kuma's DNS rules (3); any other UDP is
+ * never touched (rule 4 is TCP only). */
+static __always_inline enum tp_verdict tp_udp_decide(u8 gen, const struct tp_config *cfg,
+						      const struct tp_conn_attempt *a,
+						      u32 *reason)
+{
+	if (a->dst_port != 53 || !(cfg->flags & (TP_F_DNS | TP_F_DNS_ALL)))
+		return TP_DIRECT;	/* not DNS: no rule applies, nothing to count */
+	/* 1. -A OUTPUT -p udp -m multiport --dports P -m owner --uid-owner U -j RETURN */
+	if (tp_uid_port_excluded(gen, cfg, a->uid, TP_PROTO_UDP, a->dst_port)) {
+		*reason = TP_R_EXCL_UID_PORT;
+		return TP_DIRECT;
+	}
+	/* 2. -A OUTPUT -d CIDR -j RETURN: any protocol, so DNS too */
+	if (tp_cidr_match(gen, TP_CIDR_EXCLUDE_OUT, a->dst)) {
+		*reason = TP_R_EXCL_IP;
+		return TP_DIRECT;
+	}
+	/* 3. -A OUTPUT -p udp --dport 53 -m owner --uid-owner DP -j RETURN: kuma-dp's own
+	 * queries to the real upstream resolver */
+	if (a->uid == cfg->dp_uid) {
+		*reason = TP_R_DNS_DP_DIRECT;
+		return TP_DIRECT;
+	}
+	/* 3. -A OUTPUT -p udp --dport 53 [-d NAMESERVER] -j REDIRECT --to-ports 15053:
+	 * every UDP 53 with captureAll, else only to resolv.conf's nameservers */
+	if (!(cfg->flags & TP_F_DNS_ALL) && !tp_cidr_match(gen, TP_CIDR_DNS_SERVER, a->dst))
+		return TP_DIRECT;
+	*reason = TP_R_DNS_REDIRECT;
+	return TP_TO_DNS;
 }
 
 #endif /* TPROXY_OUTBOUND_H */

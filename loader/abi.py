@@ -7,7 +7,7 @@ structs BCC compiled from it.
 import ctypes as ct
 import ipaddress
 
-TP_ABI_VERSION = 1
+TP_ABI_VERSION = 2
 TP_MAX_UID_RULES = 32
 TP_MAX_PORT_RANGES = 16
 TP_CONN_MAX = 262144
@@ -18,6 +18,8 @@ TP_F_IPV6 = 0x2
 TP_F_OUT_INCLUDE = 0x4
 TP_F_INBOUND = 0x8
 TP_F_IN_INCLUDE = 0x10
+TP_F_DNS = 0x20
+TP_F_DNS_ALL = 0x40
 
 TP_PORT_EXCLUDE_OUT = 1
 TP_PORT_INCLUDE_OUT = 2
@@ -26,6 +28,7 @@ TP_PORT_INCLUDE_IN = 4
 TP_CIDR_EXCLUDE_OUT = 1
 TP_CIDR_LOCAL = 2
 TP_CIDR_EXCLUDE_IN = 3
+TP_CIDR_DNS_SERVER = 4
 
 TP_LISTENER_V4 = 0
 TP_LISTENER_V6 = 1
@@ -64,6 +67,11 @@ REASONS = [
     ("TP_R_IN_NO_LISTENER", "inbound_refused_no_listener"),
     ("TP_R_IN_LISTENER_SET", "inbound_listener_registered"),
     ("TP_R_IN_ORIG_DST_ANSWERED", "inbound_orig_dst_answered"),
+    ("TP_R_DNS_DP_DIRECT", "dns_dp_direct"),
+    ("TP_R_DNS_REDIRECT", "redirected_dns"),
+    ("TP_R_DNS_TCP_DIRECT", "dns_tcp_direct"),
+    ("TP_R_DNS_MAPPED_SKIPPED", "dns_v4_mapped_not_redirected"),
+    ("TP_R_DNS_REPLY_RESTORED", "dns_reply_source_restored"),
 ]
 TP_R_COUNT = len(REASONS)
 REASON_INDEX = {name: i for i, (_, name) in enumerate(REASONS)}
@@ -77,6 +85,8 @@ class TpConfig(ct.Structure):
         ("dp_uid", ct.c_uint32),
         ("outbound_port", ct.c_uint16),
         ("inbound_port", ct.c_uint16),
+        ("dns_port", ct.c_uint16),
+        ("pad", ct.c_uint16),
         ("n_uid_rules", ct.c_uint32),
         ("netns_cookie", ct.c_uint64),
         ("instance_ip4", ct.c_uint8 * 16),

@@ -85,9 +85,11 @@ KUMA_OPTIONS = [
                  "22); repeated flag: last wins."),
     click.option("--exclude-inbound-ips", multiple=True, metavar="CIDRS",
                  help="Source IPs/CIDRs delivered directly; repeatable and comma lists."),
-    bool_option("--redirect-dns", "(DNS capture: not implemented yet)"),
-    bool_option("--redirect-all-dns-traffic", "(DNS capture: not implemented yet)"),
-    click.option("--redirect-dns-port", help="(DNS capture: not implemented yet)"),
+    bool_option("--redirect-dns", "Send UDP 53 to resolv.conf's nameservers to the DNS "
+                "port (kuma-dp's DNS server)."),
+    bool_option("--redirect-all-dns-traffic", "Send all UDP 53 to the DNS port (exclusive "
+                "with --redirect-dns)."),
+    click.option("--redirect-dns-port", help="kuma-dp's DNS server port (default 15053)."),
     click.option("--ip-family-mode", help="dualstack (default) or ipv4."),
     bool_option("--ebpf-enabled", "Accepted for Kuma compatibility; always true here."),
     click.option("--ebpf-cgroup-path", help="cgroup2 directory whose processes are captured "
@@ -98,8 +100,21 @@ KUMA_OPTIONS = [
                  "source (default: from netlink)."),
     click.option("--ebpf-tc-attach-iface", help="(not used: no tc program)"),
     click.option("--ebpf-programs-source-path", help="(not used: programs are built in)"),
-    click.option("--vnet", multiple=True, help="(not implemented yet)"),
-    bool_option("--store-firewalld", "(not applicable to eBPF)"),
+    click.option("--vnet", multiple=True, help="(refused: not implemented)"),
+    # iptables-only switches: accepted so Kuma invocations keep working; each prints what
+    # it means here.
+    bool_option("--store-firewalld", "(iptables only: not applicable to eBPF)"),
+    bool_option("--redirect-inbound-insert-instead-of-append", "(iptables only)"),
+    bool_option("--redirect-outbound-insert-instead-of-append", "(iptables only)"),
+    bool_option("--skip-dns-conntrack-zone-split", "(iptables only)"),
+    bool_option("--iptables-logs", "(iptables only; see the counters of status)"),
+    bool_option("--disable-comments", "(iptables only)"),
+    bool_option("--drop-invalid-packets", "(iptables only)"),
+    click.option("--max-retries", help="(iptables only)"),
+    click.option("--sleep-between-retries", help="(iptables only)"),
+    click.option("--iptables-executables", help="(iptables only)"),
+    click.option("--wait", help="(iptables only)"),
+    click.option("--wait-interval", help="(iptables only)"),
     click.option("--name", default="default", show_default=True,
                  help="Instance name: several instances can capture different cgroups."),
     click.option("--netns", help="Network namespace to act on (name in /run/netns or a "
@@ -129,6 +144,18 @@ FLAG_PATHS = {
     "ebpf_programs_source_path": "ebpf.programsSourcePath",
     "vnet": "redirect.vnet.networks",
     "store_firewalld": "storeFirewalld",
+    "redirect_inbound_insert_instead_of_append": "redirect.inbound.insertRedirectInsteadOfAppend",
+    "redirect_outbound_insert_instead_of_append":
+        "redirect.outbound.insertRedirectInsteadOfAppend",
+    "skip_dns_conntrack_zone_split": "redirect.dns.skipConntrackZoneSplit",
+    "iptables_logs": "log.enabled",
+    "disable_comments": "comments.disabled",
+    "drop_invalid_packets": "dropInvalidPackets",
+    "max_retries": "retry.maxRetries",
+    "sleep_between_retries": "retry.sleepBetweenRetries",
+    "iptables_executables": "iptablesExecutables",
+    "wait": "wait",
+    "wait_interval": "waitInterval",
     "dry_run": "dryRun",
     "verbose": "verbose",
 }
@@ -138,6 +165,11 @@ LAST_WINS = {"exclude_outbound_ports": "redirect.outbound.excludePorts",
 
 
 def flags_from(kwargs):
+    dns, dns_all = kwargs.get("redirect_dns"), kwargs.get("redirect_all_dns_traffic")
+    if dns and dns_all and config.parse_bool(dns, "--redirect-dns") and \
+            config.parse_bool(dns_all, "--redirect-all-dns-traffic"):
+        raise ConfigError("--redirect-dns and --redirect-all-dns-traffic are exclusive: "
+                          "choose resolv.conf's nameservers only, or all UDP 53")
     flags = {}
     for key, path in FLAG_PATHS.items():
         val = kwargs.get(key)
@@ -248,8 +280,10 @@ def install(**kw):
     try:
         settings, warnings = config.load(kw["config_files"], flags=flags_from(kw),
                                          name=kw["name"])
+        from .instance import dns_servers
+        warnings += dns_servers(settings)[1]
         for w in warnings:
-            click.echo(f"ebpf-tproxy: warning: {w}", err=True)
+            click.echo(f"ebpf-tproxy: note: {w}", err=True)
         cgroup = resolve_cgroup(settings.cgroup_path)
     except ConfigError as e:
         fail(str(e))
@@ -335,6 +369,13 @@ def status(name, ebpf_bpffs_path, output):
                        "listens"))
             else:
                 click.echo("  inbound       not captured (redirect.inbound.enabled=false)")
+            dns = red.get("dns", {})
+            if dns.get("enabled"):
+                which = "all UDP 53" if dns.get("captureAll") else \
+                    "UDP 53 to " + (", ".join(meta.get("dns_servers") or []) or "no nameserver")
+                click.echo(f"  dns           {which} -> port {dns.get('port')}")
+            else:
+                click.echo("  dns           not captured")
             for ln, info in e["links"].items():
                 click.echo(f"  link {ln:<22} link id {info.get('link_id')}  prog id "
                            f"{info.get('prog_id')}")

@@ -41,6 +41,7 @@ SCHEMA = {
             "excludePorts": ([22], "ports"),
             "excludePortsForIPs": ([], "cidrs"),
             "excludePortsForUIDs": ([], "strs"),
+            "insertRedirectInsteadOfAppend": (False, "bool"),
         },
         "outbound": {
             "enabled": (True, "bool"),
@@ -49,6 +50,7 @@ SCHEMA = {
             "excludePorts": ([], "ports"),
             "excludePortsForIPs": ([], "cidrs"),
             "excludePortsForUIDs": ([], "uidrules"),
+            "insertRedirectInsteadOfAppend": (False, "bool"),
         },
         "dns": {
             "enabled": (False, "bool"),
@@ -62,28 +64,68 @@ SCHEMA = {
     "ebpf": {
         "enabled": (True, "bool"),
         "instanceIP": ("", "ip"),
+        "instanceIPEnvVarName": ("", "str"),
         "bpffsPath": ("/sys/fs/bpf", "str"),
         "cgroupPath": ("", "str"),
         "tcAttachIface": ("", "str"),
         "programsSourcePath": ("", "str"),
     },
+    "retry": {
+        "maxRetries": (4, "int"),
+        "sleepBetweenRetries": ("2s", "str"),
+    },
+    "iptablesExecutables": ({}, "any"),
+    "log": {
+        "enabled": (False, "bool"),
+        "level": (7, "int"),
+    },
+    "comments": {"disabled": (False, "bool")},
+    "wait": (5, "int"),
+    "waitInterval": (0, "int"),
+    "dropInvalidPackets": (False, "bool"),
+    "storeFirewalld": (False, "bool"),
+    "cniMode": (False, "bool"),
     "dryRun": (False, "bool"),
     "verbose": (False, "bool"),
-    "storeFirewalld": (False, "bool"),
 }
 
-# Keys whose non-default values this version cannot honour yet. They are refused, never
-# silently ignored: a mesh that believes DNS or inbound is captured when it is not leaks.
+# Keys that only mean something to iptables. Accepted so existing invocations and config
+# files keep working; a non-default value gets one line saying what it means here.
+IPTABLES_ONLY = {
+    "redirect.inbound.insertRedirectInsteadOfAppend":
+        "not applicable to eBPF: there is no iptables chain to insert into",
+    "redirect.outbound.insertRedirectInsteadOfAppend":
+        "not applicable to eBPF: there is no iptables chain to insert into",
+    "redirect.dns.skipConntrackZoneSplit":
+        "not applicable to eBPF: DNS capture uses no conntrack zones",
+    "retry.maxRetries": "not applicable to eBPF: each hook is swapped atomically and a "
+                        "failed install rolls back, so nothing is retried",
+    "retry.sleepBetweenRetries": "not applicable to eBPF: nothing is retried",
+    "iptablesExecutables": "not applicable to eBPF: no iptables executable is run",
+    "log.enabled": "no per-packet log; the equivalent is the per-decision counters of "
+                   "'ebpf-tproxy status'",
+    "log.level": "not applicable to eBPF (no netfilter log)",
+    "comments.disabled": "not applicable to eBPF: no rules, so no rule comments",
+    "wait": "not applicable to eBPF: there is no xtables lock (installs take a lock on "
+            "the bpffs)",
+    "waitInterval": "not applicable to eBPF: there is no xtables lock",
+    "dropInvalidPackets": "not applicable to eBPF: no NAT conntrack state, so no "
+                          "INVALID packets to drop",
+    "storeFirewalld": "not applicable to eBPF: no firewalld rules are written (the "
+                      "programs stay attached until uninstall or reboot)",
+    "cniMode": "not applicable: ebpf-tproxy is not a CNI plugin",
+}
+
+# Keys this version refuses: honouring them silently would leave traffic uncaptured.
 NOT_YET = {
     "redirect.inbound.excludePortsForUIDs": "inbound connections come from other hosts, "
                                             "whose uids are unknown here",
-    "redirect.dns.enabled": "DNS capture is not implemented yet",
-    "redirect.dns.captureAll": "DNS capture is not implemented yet",
-    "redirect.vnet.networks": "--vnet (bridged traffic as outbound) is not implemented",
+    "redirect.vnet.networks": "--vnet (traffic bridged from a local interface such as "
+                              "docker0, treated as outbound) is not implemented: cgroup "
+                              "hooks never see forwarded traffic",
     "ebpf.tcAttachIface": "no tc program is used: inbound capture (sk_lookup) needs no "
                           "interface",
     "ebpf.programsSourcePath": "the programs are built in; there is no source path to set",
-    "storeFirewalld": "not applicable to eBPF (no firewalld rules are written)",
 }
 
 
@@ -255,6 +297,13 @@ def parse_leaf(kind, value, what):
         return [r.describe() for r in (parse_uid_rule(t, what) for t in _split_rules(value))]
     if kind == "strs":
         return _split(value)
+    if kind == "int":
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            raise ConfigError(f"{what}: {value!r} is not a whole number") from None
+    if kind == "any":
+        return value
     if kind == "family":
         s = str(value).strip().lower()
         if s not in ("dualstack", "ipv4"):
@@ -393,6 +442,18 @@ FLAG_FOR = {
     "dryRun": "--dry-run",
     "verbose": "--verbose",
     "storeFirewalld": "--store-firewalld",
+    "redirect.inbound.insertRedirectInsteadOfAppend": "--redirect-inbound-insert-instead-of-append",
+    "redirect.outbound.insertRedirectInsteadOfAppend":
+        "--redirect-outbound-insert-instead-of-append",
+    "redirect.dns.skipConntrackZoneSplit": "--skip-dns-conntrack-zone-split",
+    "retry.maxRetries": "--max-retries",
+    "retry.sleepBetweenRetries": "--sleep-between-retries",
+    "iptablesExecutables": "--iptables-executables",
+    "log.enabled": "--iptables-logs",
+    "comments.disabled": "--disable-comments",
+    "wait": "--wait",
+    "waitInterval": "--wait-interval",
+    "dropInvalidPackets": "--drop-invalid-packets",
 }
 
 
@@ -416,6 +477,10 @@ class Settings:
     inbound_include_ports: tuple
     inbound_exclude_ports: tuple
     inbound_exclude_ips: tuple
+    dns_enabled: bool
+    dns_capture_all: bool
+    dns_port: int
+    resolv_conf: str
     instance_ip4: str
     instance_ip6: str
     cgroup_path: str
@@ -442,6 +507,11 @@ class Settings:
                 "includePorts": compact_ports(self.inbound_include_ports),
                 "excludePorts": compact_ports(self.inbound_exclude_ports),
                 "excludePortsForIPs": list(self.inbound_exclude_ips),
+            }, "dns": {
+                "enabled": self.dns_enabled,
+                "captureAll": self.dns_capture_all,
+                "port": self.dns_port,
+                "resolvConfigPath": self.resolv_conf,
             }},
             "ebpf": {"instanceIP": ",".join(x for x in (self.instance_ip4, self.instance_ip6) if x),
                      "bpffsPath": self.bpffs_path, "cgroupPath": self.cgroup_path},
@@ -485,7 +555,13 @@ def resolve_dp_user(value):
                           "the proxy runs as") from None
 
 
-def settings_from(values, name="default"):
+def notes_for(values):
+    """One line for each iptables-only setting that is not at its default."""
+    return [f"{FLAG_FOR.get(path, path)}: {why}" for path, why in IPTABLES_ONLY.items()
+            if values[path] != LEAVES[path][0]]
+
+
+def settings_from(values, name="default", environ=None):
     """Validate merged values into Settings. Host facts (cgroup2, bpffs, instance IP) are
     checked later by the install step; this only needs the user database."""
     if not NAME_RE.match(name or ""):
@@ -503,12 +579,27 @@ def settings_from(values, name="default"):
     if len(rules) > abi.TP_MAX_UID_RULES:
         raise ConfigError(f"--exclude-outbound-ports-for-uids: {len(rules)} entries; at most "
                           f"{abi.TP_MAX_UID_RULES} are supported, merge uid ranges")
-    if values["redirect.outbound.port"] == values["redirect.inbound.port"]:
-        raise ConfigError("--redirect-outbound-port and --redirect-inbound-port are both "
-                          f"{values['redirect.outbound.port']}; the proxy needs two listeners")
+    ports = {"--redirect-outbound-port": values["redirect.outbound.port"],
+             "--redirect-inbound-port": values["redirect.inbound.port"],
+             "--redirect-dns-port": values["redirect.dns.port"]}
+    seen = {}
+    for flag, port in ports.items():
+        if port in seen:
+            raise ConfigError(f"{seen[port]} and {flag} are both {port}; each redirect needs "
+                              "its own listener")
+        seen[port] = flag
     ip4 = ip6 = ""
-    if values["ebpf.instanceIP"]:
-        ip = ipaddress.ip_address(values["ebpf.instanceIP"])
+    instance_ip = values["ebpf.instanceIP"]
+    var = values["ebpf.instanceIPEnvVarName"]
+    if var and not instance_ip:
+        # Kuma: the instance IP may come from an environment variable (INSTANCE_IP in pods)
+        instance_ip = (os.environ if environ is None else environ).get(var, "")
+        if not instance_ip:
+            raise ConfigError(f"ebpf.instanceIPEnvVarName: ${var} is not set; set it to the "
+                              "instance's IP or give --ebpf-instance-ip")
+        parse_leaf("ip", instance_ip, f"${var}")
+    if instance_ip:
+        ip = ipaddress.ip_address(instance_ip)
         ip4, ip6 = (str(ip), "") if ip.version == 4 else ("", str(ip))
     return Settings(
         name=name,
@@ -526,6 +617,10 @@ def settings_from(values, name="default"):
         inbound_include_ports=tuple(values["redirect.inbound.includePorts"]),
         inbound_exclude_ports=tuple(values["redirect.inbound.excludePorts"]),
         inbound_exclude_ips=tuple(values["redirect.inbound.excludePortsForIPs"]),
+        dns_enabled=values["redirect.dns.enabled"] or values["redirect.dns.captureAll"],
+        dns_capture_all=values["redirect.dns.captureAll"],
+        dns_port=values["redirect.dns.port"],
+        resolv_conf=values["redirect.dns.resolvConfigPath"],
         instance_ip4=ip4,
         instance_ip6=ip6,
         cgroup_path=values["ebpf.cgroupPath"],
@@ -538,16 +633,38 @@ def settings_from(values, name="default"):
 def load(config_sources=(), environ=None, flags=None, name="default", stdin=None):
     """All layers -> (Settings, warnings). config_sources: --config values (each may be a
     comma list)."""
-    layers = Layers(env=env_layer(os.environ if environ is None else environ),
-                    flags=dict(flags or {}))
+    environ = os.environ if environ is None else environ
+    layers = Layers(env=env_layer(environ), flags=dict(flags or {}))
     for src in config_sources:
         for part in _split(src):
             vals, unknown = read_config_file(part, stdin=stdin)
             layers.files.append((part, vals))
             layers.warnings += [f"config {part}: unknown key {k!r} ignored (Kuma ignores it "
                                 "too; check the spelling)" for k in unknown]
-    return settings_from(merge(layers), name=name), layers.warnings
+    values = merge(layers)
+    return settings_from(values, name=name, environ=environ), \
+        layers.warnings + notes_for(values)
 
 
 def dump_json(obj):
     return json.dumps(obj, indent=2, sort_keys=True)
+
+
+def read_nameservers(path):
+    """resolv.conf's nameservers, by family: ({"4": [...], "6": [...]}, warnings)."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ConfigError(f"redirect.dns.resolvConfigPath: cannot read {path} ({e.strerror})"
+                          "; fix the path or use --redirect-all-dns-traffic") from None
+    servers = {4: [], 6: []}
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            try:
+                ip = ipaddress.ip_address(parts[1].split("%")[0])
+            except ValueError:
+                continue
+            servers[ip.version].append(str(ip))
+    return servers

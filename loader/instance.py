@@ -24,10 +24,11 @@ import ipaddress
 import json
 import os
 import shutil
+import subprocess
 import time
 
 from . import __version__, abi, bpfsys, kernel, listeners, netinfo, probe, programs
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, read_nameservers
 
 ROOT_DIR = "ebpf-tproxy"
 MOUNT_MARKER_DIR = "/run/ebpf-tproxy"
@@ -85,6 +86,23 @@ def netns_inode():
     return os.stat("/proc/self/ns/net").st_ino
 
 
+def dns_servers(settings):
+    """(nameservers DNS capture applies to, warnings). Empty with captureAll (all UDP 53)."""
+    if not settings.dns_enabled or settings.dns_capture_all:
+        return [], []
+    found = read_nameservers(settings.resolv_conf)
+    servers, warnings = list(found[4]), []
+    families = [4, 6] if settings.ipv6 else [4]
+    if settings.ipv6:
+        servers += found[6]
+    for fam in families:
+        if not found[fam]:
+            warnings.append(f"{settings.resolv_conf} has no IPv{fam} nameserver: IPv{fam} DNS "
+                            "is not captured (use --redirect-all-dns-traffic to capture all "
+                            "UDP 53)")
+    return servers, warnings
+
+
 def plan(settings: Settings, local_nets, instance_ips, cgroup_path, netns_cookie):
     """Everything install would write, as data (printed by --dry-run, stored as meta)."""
     ip4 = settings.instance_ip4 or instance_ips[0]
@@ -107,6 +125,7 @@ def plan(settings: Settings, local_nets, instance_ips, cgroup_path, netns_cookie
         "instance_ip4": ip4,
         "instance_ip6": ip6 if settings.ipv6 else "",
         "local_networks": list(local_nets),
+        "dns_servers": dns_servers(settings)[0],
         "dp_uid": settings.dp_uid,
         "config": settings.kuma_view(),
         "programs": [{"name": p.name, "hook": p.hook,
@@ -128,7 +147,8 @@ def map_contents(settings, p):
                      "include_outbound": list(settings.outbound_include_ports),
                      "exclude_inbound": list(settings.inbound_exclude_ports),
                      "include_inbound": list(settings.inbound_include_ports)},
-        "tp_cidrs": {"exclude_outbound": list(settings.outbound_exclude_ips),
+        "tp_cidrs": {"dns_servers": list(p["dns_servers"]),
+                     "exclude_outbound": list(settings.outbound_exclude_ips),
                      "exclude_inbound": list(settings.inbound_exclude_ips),
                      "local": list(p["local_networks"])},
         "tp_uid_rules": [r.describe() for r in settings.uid_rules],
@@ -140,16 +160,19 @@ def _flags(settings):
     return (("outbound", settings.outbound_enabled), ("ipv6", settings.ipv6),
             ("outbound_include_ports", bool(settings.outbound_include_ports)),
             ("inbound", settings.inbound_enabled),
-            ("inbound_include_ports", bool(settings.inbound_include_ports)))
+            ("inbound_include_ports", bool(settings.inbound_include_ports)),
+            ("dns", settings.dns_enabled and not settings.dns_capture_all),
+            ("dns_capture_all", settings.dns_capture_all))
 
 
 def _config_struct(settings, p):
     bits = (abi.TP_F_OUTBOUND, abi.TP_F_IPV6, abi.TP_F_OUT_INCLUDE, abi.TP_F_INBOUND,
-            abi.TP_F_IN_INCLUDE)
+            abi.TP_F_IN_INCLUDE, abi.TP_F_DNS, abi.TP_F_DNS_ALL)
     flags = sum(bit for bit, (_, on) in zip(bits, _flags(settings)) if on)
     cfg = abi.TpConfig(flags=flags, dp_uid=kernel.kernel_uid(settings.dp_uid),
                        outbound_port=settings.outbound_port,
                        inbound_port=settings.inbound_port,
+                       dns_port=settings.dns_port,
                        n_uid_rules=len(settings.uid_rules),
                        netns_cookie=p["netns_cookie"])
     if p["instance_ip4"]:
@@ -208,6 +231,8 @@ class Maps:
             self.cidrs.update(abi.cidr_key(gen, abi.TP_CIDR_EXCLUDE_OUT, net), one)
         for net in settings.inbound_exclude_ips:
             self.cidrs.update(abi.cidr_key(gen, abi.TP_CIDR_EXCLUDE_IN, net), one)
+        for ip in p["dns_servers"]:
+            self.cidrs.update(abi.cidr_key(gen, abi.TP_CIDR_DNS_SERVER, ip), one)
         for net in p["local_networks"]:
             self.cidrs.update(abi.cidr_key(gen, abi.TP_CIDR_LOCAL, net), one)
         for i, r in enumerate(settings.uid_rules):
@@ -256,12 +281,18 @@ def install(settings: Settings, cgroup_path, progress=None):
     if mounted:
         os.makedirs(MOUNT_MARKER_DIR, exist_ok=True)
         open(_mount_marker(settings.bpffs_path), "w").close()
+    added_lo = False
     try:
-        p = plan(settings, netinfo.local_networks(), netinfo.default_instance_ips(),
-                 cgroup_path, bpfsys.netns_cookie())
         with bpffs_lock(settings.bpffs_path):
             fresh = not os.path.isdir(paths.instance)
             existing = _read_meta_quiet(paths)
+            # Kuma adds ::6/128 to lo for Envoy's IPv6 passthrough source (rule 4c); so do
+            # we, and uninstall removes it only if it was ours.
+            if settings.ipv6:
+                added_lo = netinfo.ensure_lo_address()
+            p = plan(settings, netinfo.local_networks(), netinfo.default_instance_ips(),
+                     cgroup_path, bpfsys.netns_cookie())
+            p["added_lo_address"] = bool(added_lo or (existing or {}).get("added_lo_address"))
             if existing and existing.get("cgroup") != cgroup_path:
                 raise InstallError(
                     f"instance {settings.name!r} is attached to {existing.get('cgroup')}; "
@@ -279,6 +310,8 @@ def install(settings: Settings, cgroup_path, progress=None):
                     _remove_instance(paths)
                 raise
     except BaseException:
+        if added_lo:
+            netinfo.remove_lo_address()
         _maybe_unmount(settings.bpffs_path)   # after the lock: its fd keeps the mount busy
         raise
     return p
@@ -458,13 +491,44 @@ def _maybe_unmount(bpffs):
     return True
 
 
+def _netns_path(inode):
+    """A path to the network namespace with this inode: a name in /run/netns, or a
+    process living in it."""
+    candidates = [os.path.join("/run/netns", n) for n in sorted(os.listdir("/run/netns"))] \
+        if os.path.isdir("/run/netns") else []
+    candidates += [f"/proc/{pid}/ns/net" for pid in os.listdir("/proc") if pid.isdigit()]
+    for path in candidates:
+        try:
+            if os.stat(path).st_ino == inode:
+                return path
+        except OSError:
+            continue
+    return None
+
+
+def _remove_lo_address_in(inode):
+    """Remove the ::6 install added to lo, in the instance's namespace."""
+    if inode is None or inode == netns_inode():
+        netinfo.remove_lo_address()
+        return [f"{netinfo.KUMA_LO_V6}/128 on lo (added by install)"]
+    path = _netns_path(inode)
+    if path is None:
+        return []   # the namespace is gone, and the address with it
+    subprocess.run(["nsenter", f"--net={path}", "ip", "-6", "addr", "del",
+                    f"{netinfo.KUMA_LO_V6}/128", "dev", "lo"], capture_output=True)
+    return [f"{netinfo.KUMA_LO_V6}/128 on lo of {path} (added by install)"]
+
+
 def uninstall(bpffs, name):
     """Remove the instance. Returns what was removed (empty if there was nothing)."""
     paths = Paths(bpffs, name)
     if not kernel.is_bpffs(bpffs):
         return []
     with bpffs_lock(bpffs):
+        meta = _read_meta_quiet(paths) or {}
         removed = _remove_instance(paths)
+    if meta.get("added_lo_address"):
+        removed += _remove_lo_address_in(meta.get("netns_inode"))
     if _maybe_unmount(bpffs):   # after the lock: its fd keeps the mount busy
         removed.append(f"bpffs mount at {bpffs} (mounted by install)")
     return removed

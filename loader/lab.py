@@ -77,8 +77,6 @@ class Lab:
             self.ip(ns, "addr", "add", f"{ip4}/24", "dev", dev)
             self.ip(ns, "-6", "addr", "add", f"{ip6}/64", "dev", dev, "nodad")
             self.ip(ns, "link", "set", dev, "up")
-        # Kuma adds ::6/128 to lo so Envoy can bind its IPv6 passthrough source.
-        self.ip(self.app_ns, "-6", "addr", "add", "::6/128", "dev", "lo")
         os.mkdir(self.cgroup)
         self.bpffs = tempfile.mkdtemp(prefix="tp-bpffs-")
         sh("mount", "-t", "bpf", "bpf", self.bpffs)
@@ -87,10 +85,15 @@ class Lab:
         return sh("ip", "-n", ns, *args)
 
     # ------------------------------------------------------------------ run
-    def command(self, argv, ns=None, user=None, in_cgroup=True):
-        """argv wrapped to run in the netns (and as user), for Popen(preexec_fn=...)."""
+    def command(self, argv, ns=None, user=None, in_cgroup=True, resolv=None):
+        """argv wrapped to run in the netns (and as user), for Popen(preexec_fn=...).
+        resolv: a file seen as /etc/resolv.conf by the command (in a mount namespace of
+        its own), so the lab's resolvers never touch the host's."""
         ns = ns or self.app_ns
         wrapped = ["nsenter", f"--net=/run/netns/{ns}"]
+        if resolv:
+            wrapped += ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                        'mount --bind "$0" /etc/resolv.conf && exec "$@"', resolv]
         if user is not None:
             ent = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
             wrapped += ["setpriv", f"--reuid={ent.pw_uid}", f"--regid={ent.pw_gid}",
@@ -120,8 +123,10 @@ class Lab:
                 raise RuntimeError(f"{argv} did not start: {line!r} {err!r}")
         return p
 
-    def run(self, argv, ns=None, user=None, in_cgroup=True, timeout=120, check=False):
-        return subprocess.run(self.command(argv, ns, user), capture_output=True, text=True,
+    def run(self, argv, ns=None, user=None, in_cgroup=True, timeout=120, check=False,
+            resolv=None):
+        return subprocess.run(self.command(argv, ns, user, resolv=resolv),
+                              capture_output=True, text=True,
                               preexec_fn=self._preexec(in_cgroup), timeout=timeout,
                               env=self.env(), check=check)
 

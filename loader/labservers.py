@@ -16,6 +16,12 @@
         Echo server (a long-lived application connection).
     python -m loader.labservers hold HOST PORT
         Connect once and keep the connection: each stdin line is sent, its echo printed.
+    python -m loader.labservers dns PORT --a IPV4 --aaaa IPV6
+        A DNS server (UDP, both families) answering every A and AAAA question with these
+        addresses: which server answered is told by the address in the answer.
+    python -m loader.labservers query SERVER NAME [--connected]
+        One A query over UDP, printed as JSON: the answer and the reply's source address
+        (recvfrom), and with --connected the getpeername() of the connected socket.
     python -m loader.labservers http PORT
         An HTTP server that answers every GET with "client=<peer> server=<local>".
     python -m loader.labservers validator [--ipv6]
@@ -203,6 +209,64 @@ def cmd_hold(args):
         print(f.readline().decode().strip() or "EOF", flush=True)
 
 
+def _dns_answer(query, a, aaaa):
+    qid, _, qd = query[:2], query[2:4], int.from_bytes(query[4:6], "big")
+    i = 12
+    while query[i]:
+        i += query[i] + 1
+    qtype = int.from_bytes(query[i + 1:i + 3], "big")
+    question = query[12:i + 5]
+    rdata = {1: socket.inet_pton(socket.AF_INET, a),
+             28: socket.inet_pton(socket.AF_INET6, aaaa)}.get(qtype)
+    header = qid + b"\x81\x80" + (1).to_bytes(2, "big") + (1 if rdata else 0).to_bytes(2, "big") \
+        + b"\x00\x00\x00\x00"
+    answer = b""
+    if rdata:
+        answer = b"\xc0\x0c" + qtype.to_bytes(2, "big") + b"\x00\x01" + (60).to_bytes(4, "big") \
+            + len(rdata).to_bytes(2, "big") + rdata
+    return header + question + answer
+
+
+def cmd_dns(args):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", args.port))
+    print("ready", flush=True)
+    while True:
+        data, peer = s.recvfrom(4096)
+        try:
+            s.sendto(_dns_answer(data, args.a, args.aaaa), peer)
+        except (IndexError, OSError):
+            continue
+
+
+def _dns_query(name):
+    q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+    for label in name.split("."):
+        q += bytes([len(label)]) + label.encode()
+    return q + b"\x00\x00\x01\x00\x01"
+
+
+def cmd_query(args):
+    fam = socket.AF_INET6 if ":" in args.server else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.settimeout(3)
+    out = {}
+    try:
+        if args.connected:
+            s.connect((args.server, 53))
+            out["getpeername"] = fmt(s.getpeername())
+            s.send(_dns_query(args.name))
+        else:
+            s.sendto(_dns_query(args.name), (args.server, 53))
+        data, peer = s.recvfrom(4096)
+        out["from"] = fmt(peer)
+        out["answer"] = socket.inet_ntop(socket.AF_INET, data[-4:])
+    except OSError as e:
+        out["error"] = str(e)
+    print(json.dumps(out))
+
+
 def cmd_http(args):
     import http.server
 
@@ -280,12 +344,20 @@ def main(argv=None):
     p.add_argument("port", type=int)
     p = sub.add_parser("http")
     p.add_argument("port", type=int)
+    p = sub.add_parser("dns")
+    p.add_argument("port", type=int)
+    p.add_argument("--a", required=True)
+    p.add_argument("--aaaa", required=True)
+    p = sub.add_parser("query")
+    p.add_argument("server")
+    p.add_argument("name")
+    p.add_argument("--connected", action="store_true")
     p = sub.add_parser("validator")
     p.add_argument("--ipv6", action="store_true")
     args = ap.parse_args(argv)
     {"listen": cmd_listen, "proxy": cmd_proxy, "connect": cmd_connect,
      "validator": cmd_validator, "http": cmd_http, "echo": cmd_echo,
-     "hold": cmd_hold}[args.cmd](args)
+     "hold": cmd_hold, "dns": cmd_dns, "query": cmd_query}[args.cmd](args)
 
 
 if __name__ == "__main__":

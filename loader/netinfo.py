@@ -55,3 +55,26 @@ def default_instance_ips():
                 best = best or ip
             out[key] = best
     return out[4], out[6]
+
+
+KUMA_LO_V6 = "::6"   # Envoy binds ::6 as the source of its IPv6 inbound passthrough
+
+
+def ensure_lo_address(address=KUMA_LO_V6, prefixlen=128):
+    """Add address/128 to lo, as Kuma does, unless it is there. True if this call added it."""
+    with IPRoute() as ipr:
+        lo = [ln["index"] for ln in ipr.get_links() if ln["flags"] & IFF_LOOPBACK][0]
+        for a in ipr.get_addr(family=10, index=lo):
+            if a.get_attr("IFA_ADDRESS") == address:
+                return False
+        ipr.addr("add", index=lo, address=address, prefixlen=prefixlen)
+        return True
+
+
+def remove_lo_address(address=KUMA_LO_V6, prefixlen=128):
+    with IPRoute() as ipr:
+        lo = [ln["index"] for ln in ipr.get_links() if ln["flags"] & IFF_LOOPBACK][0]
+        try:
+            ipr.addr("del", index=lo, address=address, prefixlen=prefixlen)
+        except Exception:   # already gone: nothing to do
+            pass

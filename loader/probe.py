@@ -9,6 +9,14 @@ int probe_connect{n}(struct bpf_sock_addr *ctx)
 	u32 *v = probe_sks.sk_storage_get(ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	return bpf_get_netns_cookie(ctx) && v ? 1 : 1;
 }}
+int probe_udp{n}(struct bpf_sock_addr *ctx)
+{{
+	return probe_sks.sk_storage_get(ctx->sk, 0, 0) ? 1 : 1;
+}}
+int probe_recv{n}(struct bpf_sock_addr *ctx)
+{{
+	return probe_sks.sk_storage_get(ctx->sk, 0, 0) ? 1 : 1;
+}}
 int probe_getpeername{n}(struct bpf_sock_addr *ctx)
 {{
 	return probe_sks.sk_storage_get(ctx->sk, 0, 0) ? 1 : 1;
@@ -48,6 +56,14 @@ PROBES = (
      bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET4_CONNECT, ("connect4",)),
     ("cgroup/connect6", "probe_connect6",
      bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET6_CONNECT, ("connect6",)),
+    ("cgroup/sendmsg4", "probe_udp4",
+     bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_UDP4_SENDMSG, ("sendmsg4",)),
+    ("cgroup/sendmsg6", "probe_udp6",
+     bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_UDP6_SENDMSG, ("sendmsg6",)),
+    ("cgroup/recvmsg4", "probe_recv4",
+     bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_UDP4_RECVMSG, ("recvmsg4",)),
+    ("cgroup/recvmsg6", "probe_recv6",
+     bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_UDP6_RECVMSG, ("recvmsg6",)),
     ("cgroup/sock_ops with skops->sk", "probe_sock_ops",
      bpfsys.PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS, ("sock_ops",)),
     ("cgroup/getsockopt", "probe_getsockopt",

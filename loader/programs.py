@@ -11,7 +11,8 @@ import re
 from . import bpfsys
 
 BPF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf")
-PROGRAM_FILES = ("connect.c", "sock_ops.c", "getsockopt.c", "getpeername.c", "sk_lookup.c")
+PROGRAM_FILES = ("connect.c", "udp.c", "sock_ops.c", "getsockopt.c", "getpeername.c",
+                 "sk_lookup.c")
 _INCLUDE = re.compile(r'^\s*#include "([^"]+)"\s*$')
 
 
@@ -31,6 +32,14 @@ PROGRAMS = (
             "cgroup/connect4", True, ""),
     Program("connect6", bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET6_CONNECT,
             "cgroup/connect6", True, ""),
+    Program("sendmsg4", bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_UDP4_SENDMSG,
+            "cgroup/sendmsg4", True, ""),
+    Program("sendmsg6", bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_UDP6_SENDMSG,
+            "cgroup/sendmsg6", True, ""),
+    Program("recvmsg4", bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_UDP4_RECVMSG,
+            "cgroup/recvmsg4", True, ""),
+    Program("recvmsg6", bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_UDP6_RECVMSG,
+            "cgroup/recvmsg6", True, ""),
     Program("sock_ops", bpfsys.PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS,
             "cgroup/sock_ops", True, ""),
     Program("getsockopt_orig_dst", bpfsys.PROG_CGROUP_SOCKOPT, bpfsys.CGROUP_GETSOCKOPT,

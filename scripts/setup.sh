@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 say() { printf 'setup: %s\n' "$*"; }
 
-PKGS=(python3-bpfcc python3-venv bpftool libbpf1 iptables iproute2 util-linux haproxy curl)
+PKGS=(python3-bpfcc python3-venv bpftool libbpf1 iptables iproute2 util-linux haproxy curl bind9-dnsutils)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -18,7 +18,9 @@ CASES = [
     (["--ebpf-instance-ip", "300.1.1.1"], "not an IP address"),
     (["--ebpf-cgroup-path", "/tmp"], "is not a directory in the cgroup2 mount"),
     (["--ebpf-cgroup-path", "/nonexistent/cg"], "is not a directory in the cgroup2 mount"),
-    (["--redirect-dns"], "DNS capture is not implemented yet"),
+    (["--vnet", "docker0:172.17.0.0/16"], "--vnet"),
+    (["--redirect-dns", "--redirect-all-dns-traffic"], "exclusive"),
+    (["--redirect-dns-port", "15006"], "both 15006"),
     (["--ebpf-instance-ip", "203.0.113.9"], "is not an address of this network namespace"),
 ]
 

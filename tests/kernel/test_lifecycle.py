@@ -183,3 +183,23 @@ def test_recreated_cgroup_is_reported_and_reinstall_reattaches(lab):
     finally:
         lab.tproxy("uninstall", "--name", "re")
         os.rmdir(cg)
+
+
+def test_kuma_loopback_address_is_added_and_removed(lab):
+    def lo_addrs():
+        return lab.ip(lab.app_ns, "-6", "addr", "show", "dev", "lo").stdout
+    assert "::6/128" not in lo_addrs()
+    install(lab)
+    assert "::6/128" in lo_addrs()
+    install(lab)                              # an update keeps it, and still owns it
+    assert lab.tproxy("uninstall").returncode == 0
+    assert "::6/128" not in lo_addrs()
+    # One that was there before install is left alone.
+    lab.ip(lab.app_ns, "-6", "addr", "add", "::6/128", "dev", "lo")
+    install(lab)
+    assert lab.tproxy("uninstall").returncode == 0
+    assert "::6/128" in lo_addrs()
+    # ipFamilyMode ipv4 does not touch IPv6 at all.
+    lab.ip(lab.app_ns, "-6", "addr", "del", "::6/128", "dev", "lo")
+    install(lab, "--ip-family-mode", "ipv4")
+    assert "::6/128" not in lo_addrs()

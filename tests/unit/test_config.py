@@ -54,7 +54,8 @@ def test_uid_rule_errors(text):
     ({"kumaDPUser": "no-such-user-xyz"}, "no user 'no-such-user-xyz'"),
     ({"ebpf.instanceIP": "1.2.3"}, "not an IP address"),
     ({"redirect.outbound.port": "15006"}, "both 15006"),
-    ({"redirect.dns.enabled": "true"}, "DNS capture is not implemented yet"),
+    ({"redirect.vnet.networks": ["docker0:172.17.0.0/16"]}, "--vnet"),
+    ({"redirect.dns.port": "15001"}, "both 15001"),
     ({"ebpf.enabled": "false"}, "only does the eBPF mode"),
 ])
 def test_bad_values_give_one_clear_line(flags, needle):
@@ -153,3 +154,38 @@ def test_port_lists_are_stored_compactly():
     assert config.compact_ports([22, 80, 81, 82, 1000]) == "22,80-82,1000"
     assert config.compact_ports(range(1000, 2001)) == "1000-2000"
     assert config.compact_ports([]) == ""
+
+
+def test_iptables_only_switches_are_accepted_with_a_note():
+    settings, notes = config.load([], environ={}, flags={
+        "kumaDPUser": DP, "wait": "10", "storeFirewalld": "true", "log.enabled": "true",
+        "redirect.outbound.insertRedirectInsteadOfAppend": "true"})
+    assert settings.outbound_port == 15001
+    text = "\n".join(notes)
+    for flag in ("--wait:", "--store-firewalld:", "--iptables-logs:",
+                 "--redirect-outbound-insert-instead-of-append:"):
+        assert flag in text, flag
+    assert len(notes) == 4
+
+
+def test_redirect_all_dns_traffic_implies_dns():
+    s = load(flags={"redirect.dns.captureAll": "true"})
+    assert s.dns_enabled and s.dns_capture_all and s.dns_port == 15053
+
+
+def test_instance_ip_from_an_environment_variable():
+    s, _ = config.load([], environ={"INSTANCE_IP": "198.18.0.1"},
+                       flags={"kumaDPUser": DP, "ebpf.instanceIPEnvVarName": "INSTANCE_IP"})
+    assert s.instance_ip4 == "198.18.0.1"
+    with pytest.raises(ConfigError, match="INSTANCE_IP is not set"):
+        config.load([], environ={}, flags={"kumaDPUser": DP,
+                                           "ebpf.instanceIPEnvVarName": "INSTANCE_IP"})
+
+
+def test_nameservers_by_family(tmp_path):
+    f = tmp_path / "resolv.conf"
+    f.write_text("# comment\nnameserver 10.0.0.2\nnameserver fe80::1%eth0\n"
+                 "nameserver ::1\nsearch mesh\n")
+    assert config.read_nameservers(str(f)) == {4: ["10.0.0.2"], 6: ["fe80::1", "::1"]}
+    with pytest.raises(ConfigError, match="cannot read"):
+        config.read_nameservers(str(tmp_path / "nope"))

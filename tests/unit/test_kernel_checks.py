@@ -33,3 +33,11 @@ def test_uids_are_translated_through_the_user_namespace_map(tmp_path):
     ident = tmp_path / "ident"
     ident.write_text("0 0 4294967295\n")
     assert kernel.kernel_uid(65534, str(ident)) == 65534
+
+
+def test_redirect_dns_and_all_dns_traffic_are_exclusive():
+    import pytest
+    from loader.config import ConfigError
+    with pytest.raises(ConfigError, match="exclusive"):
+        flags_from({"redirect_dns": "true", "redirect_all_dns_traffic": "true"})
+    assert flags_from({"redirect_dns": "true"})["redirect.dns.enabled"] == "true"

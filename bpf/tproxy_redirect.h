@@ -1,0 +1,77 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * tproxy_redirect.h - what connect4/6 and sendmsg4/6 share: deciding one connect() or
+ * UDP send under the configuration in force, and keeping the original destination with
+ * the socket.
+ */
+#ifndef TPROXY_REDIRECT_H
+#define TPROXY_REDIRECT_H
+
+#include "tproxy_outbound.h"
+
+/* Keep the original destination with the socket. Returns 0 if there is no room: the
+ * connection then goes direct rather than to a proxy that could not learn where to. */
+static __always_inline int tp_remember_orig(struct bpf_sock *sk, const u8 *dst, u16 port,
+					    u16 family)
+{
+	struct tp_orig_dst *o = tp_sk_orig.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+
+	if (!o) {
+		tp_count(TP_R_NO_STORAGE);
+		return 0;
+	}
+	__builtin_memcpy(o->addr, dst, 16);
+	o->port = port;
+	o->family = family;
+	return 1;
+}
+
+/* A socket redirected once and then reconnected elsewhere (connect(AF_UNSPEC), then
+ * connect again) must not keep the old original destination. */
+static __always_inline void tp_forget_orig(struct bpf_sock *sk)
+{
+	if (tp_sk_orig.sk_storage_get(sk, 0, 0))
+		tp_sk_orig.sk_storage_delete(sk);
+}
+
+/* Decide one connect() or UDP send; returns the verdict and fills *target_port. */
+static __always_inline enum tp_verdict tp_verdict(struct bpf_sock_addr *ctx,
+						  struct tp_conn_attempt *a,
+						  struct tp_config **cfgp, u16 *target_port)
+{
+	struct tp_config *cfg;
+	enum tp_verdict v;
+	u32 reason = 0;
+	u8 gen = 0;
+
+	cfg = tp_active_config(&gen);
+	if (!cfg)
+		return TP_DIRECT;
+	/* cgroup hooks follow the cgroup, not the netns: a socket of this cgroup made in
+	 * another network namespace is not the instance's to touch. */
+	if (cfg->netns_cookie && bpf_get_netns_cookie(ctx) != cfg->netns_cookie) {
+		tp_count(TP_R_OTHER_NETNS);
+		return TP_DIRECT;
+	}
+	/* ipFamilyMode ipv4: ip6tables rules are not written, IPv6 is left alone. A mapped
+	 * address is IPv4 traffic and was already turned into one by the caller. */
+	if (!tp_addr_is_mapped(a->dst) && !(cfg->flags & TP_F_IPV6)) {
+		tp_count(TP_R_FAMILY_OFF);
+		return TP_DIRECT;
+	}
+	a->uid = (u32)bpf_get_current_uid_gid();
+	if (ctx->protocol == IPPROTO_TCP) {
+		v = tp_outbound_decide(gen, cfg, a, &reason);
+	} else {
+		v = tp_udp_decide(gen, cfg, a, &reason);
+		if (!reason)
+			return TP_DIRECT;	/* not DNS */
+	}
+	tp_count(reason);
+	*target_port = v == TP_TO_INBOUND ? cfg->inbound_port :
+		       v == TP_TO_DNS ? cfg->dns_port : cfg->outbound_port;
+	*cfgp = cfg;
+	return v;
+}
+
+#endif /* TPROXY_REDIRECT_H */

@@ -1,0 +1,119 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * udp.c - DNS capture for unconnected UDP sockets (cgroup/sendmsg4/6) and the replies of
+ * every captured DNS socket (cgroup/recvmsg4/6).
+ *
+ * sendmsg: a query to port 53 that Kuma's DNS rules capture goes to 127.0.0.1 (::1) at
+ * the DNS port, and the server asked is kept in the socket's sk_storage (connect4/6 do
+ * the same for connected sockets).
+ * recvmsg: a reply from the DNS port is shown as coming from that server, so resolvers
+ * that check the reply's source (glibc, musl, dig) accept it, as they do behind iptables,
+ * where conntrack reverses the NAT on the reply.
+ */
+#include "tproxy_redirect.h"
+
+int sendmsg4(struct bpf_sock_addr *ctx)
+{
+	struct tp_conn_attempt a = {};
+	struct tp_config *cfg = NULL;
+	struct bpf_sock *sk = ctx->sk;
+	u16 target_port = 0;
+
+	/* Runs for every datagram sent: anything but port 53 leaves at once. */
+	a.dst_port = bpf_ntohs((u16)ctx->user_port);
+	if (a.dst_port != 53 || !sk)
+		return 1;
+	tp_addr_from_ip4(a.dst, ctx->user_ip4);
+	if (tp_verdict(ctx, &a, &cfg, &target_port) != TP_TO_DNS || !cfg)
+		return 1;
+	if (!tp_remember_orig(sk, a.dst, a.dst_port, TP_AF_INET))
+		return 1;
+	ctx->user_ip4 = bpf_htonl(0x7f000001);
+	ctx->user_port = bpf_htons(target_port);
+	return 1;
+}
+
+int sendmsg6(struct bpf_sock_addr *ctx)
+{
+	struct tp_conn_attempt a = {};
+	struct tp_config *cfg = NULL;
+	struct bpf_sock *sk = ctx->sk;
+	u16 target_port = 0;
+
+	a.dst_port = bpf_ntohs((u16)ctx->user_port);
+	if (a.dst_port != 53 || !sk)
+		return 1;
+	tp_addr_from_ctx_ip6(a.dst, ctx->user_ip6);
+	if (tp_verdict(ctx, &a, &cfg, &target_port) != TP_TO_DNS || !cfg)
+		return 1;
+	/* A v4-mapped destination never gets here on the kernels seen so far: udpv6_sendmsg
+	 * hands it to the IPv4 path (and sendmsg4) first. Should one arrive, it must not be
+	 * rewritten: the kernel refuses a sendmsg6 rewritten to a mapped address (ENOTSUPP). */
+	if (tp_addr_is_mapped(a.dst)) {
+		tp_count(TP_R_DNS_MAPPED_SKIPPED);
+		return 1;
+	}
+	if (!tp_remember_orig(sk, a.dst, a.dst_port, TP_AF_INET6))
+		return 1;
+	TP_CTX_U32(ctx->user_ip6[0]) = 0;
+	TP_CTX_U32(ctx->user_ip6[1]) = 0;
+	TP_CTX_U32(ctx->user_ip6[2]) = 0;
+	TP_CTX_U32(ctx->user_ip6[3]) = bpf_htonl(1);
+	ctx->user_port = bpf_htons(target_port);
+	return 1;
+}
+
+/* The reply's source, if it is the DNS port on loopback and the socket asked a server. */
+static __always_inline struct tp_orig_dst *tp_dns_reply_orig(struct bpf_sock_addr *ctx,
+							     const u8 *src, u16 port)
+{
+	struct tp_orig_dst *o;
+	struct tp_config *cfg;
+	u8 gen;
+
+	if (!ctx->sk)
+		return NULL;
+	cfg = tp_active_config(&gen);
+	if (!cfg || port != cfg->dns_port || !tp_addr_is_loopback1(src))
+		return NULL;
+	o = tp_sk_orig.sk_storage_get(ctx->sk, 0, 0);
+	if (!o || o->port != 53)
+		return NULL;
+	return o;
+}
+
+int recvmsg4(struct bpf_sock_addr *ctx)
+{
+	struct tp_orig_dst *o;
+	u8 src[16];
+
+	tp_addr_from_ip4(src, ctx->user_ip4);
+	o = tp_dns_reply_orig(ctx, src, bpf_ntohs((u16)ctx->user_port));
+	if (!o || o->family != TP_AF_INET)
+		return 1;
+	ctx->user_ip4 = ((u32 *)o->addr)[3];
+	ctx->user_port = bpf_htons(o->port);
+	tp_count(TP_R_DNS_REPLY_RESTORED);
+	return 1;
+}
+
+int recvmsg6(struct bpf_sock_addr *ctx)
+{
+	struct tp_orig_dst *o;
+	u8 src[16];
+	u32 *w;
+
+	tp_addr_from_ctx_ip6(src, ctx->user_ip6);
+	o = tp_dns_reply_orig(ctx, src, bpf_ntohs((u16)ctx->user_port));
+	if (!o)
+		return 1;
+	/* A connected AF_INET6 socket that dialed ::ffff:a.b.c.d gets the mapped address. */
+	w = (u32 *)o->addr;
+	TP_CTX_U32(ctx->user_ip6[0]) = w[0];
+	TP_CTX_U32(ctx->user_ip6[1]) = w[1];
+	TP_CTX_U32(ctx->user_ip6[2]) = w[2];
+	TP_CTX_U32(ctx->user_ip6[3]) = w[3];
+	ctx->user_port = bpf_htons(o->port);
+	tp_count(TP_R_DNS_REPLY_RESTORED);
+	return 1;
+}
