@@ -96,6 +96,7 @@ struct tp_config {
 	__u16 dns_port;         /* --redirect-dns-port */
 	__u16 pad;
 	__u32 n_uid_rules;      /* entries used in tp_uid_rules for this generation */
+	__u32 reserved;         /* explicit: no implicit hole before the u64 */
 	__u64 netns_cookie;     /* only sockets of this netns are touched; 0 = any */
 	__u8 instance_ip4[16];  /* source for redirected IPv4 connections (mapped); 0 = none */
 	__u8 instance_ip6[16];  /* source for redirected IPv6 connections; 0 = none */

@@ -88,6 +88,7 @@ class TpConfig(ct.Structure):
         ("dns_port", ct.c_uint16),
         ("pad", ct.c_uint16),
         ("n_uid_rules", ct.c_uint32),
+        ("reserved", ct.c_uint32),
         ("netns_cookie", ct.c_uint64),
         ("instance_ip4", ct.c_uint8 * 16),
         ("instance_ip6", ct.c_uint8 * 16),

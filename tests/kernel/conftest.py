@@ -12,6 +12,10 @@ DP_UID = 65534
 APP_UID = 0            # the application runs as root: not the DP user
 OTHER_UID = 1          # "daemon": a uid for exclude-outbound-ports-for-uids
 
+from loader.programs import PROGRAMS  # noqa: E402
+
+CGROUP_HOOKS = sum(1 for p in PROGRAMS if p.target == "cgroup")   # attachments per install
+
 if os.geteuid() != 0:
     pytest.skip("kernel tests need root (run make test as root)", allow_module_level=True)
 

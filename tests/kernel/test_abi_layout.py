@@ -37,6 +37,8 @@ def compiled():
 def layout(t):
     out = []
     for name, ftype in t._fields_:
+        if name.startswith("__pad_"):
+            continue   # BCC names implicit holes; the named fields' offsets are what count
         out.append((name, getattr(t, name).offset, ct.sizeof(ftype)))
     return ct.sizeof(t), out
 

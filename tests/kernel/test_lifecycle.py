@@ -7,7 +7,7 @@ import sys
 
 from loader.lab import REMOTE_IP4
 
-from .conftest import DP_USER, install, listeners, reached
+from .conftest import CGROUP_HOOKS, DP_USER, install, listeners, reached
 from .residue import cgroup_attachments, pins, snapshot, wait_back_to
 
 
@@ -22,7 +22,7 @@ def test_capture_survives_the_loader_and_uninstall_leaves_nothing(lab):
     before = snapshot()
     install(lab)   # a separate process, which has exited by now
     assert reached(lab, REMOTE_IP4, 8000)["line"].startswith("out ")
-    assert len(cgroup_attachments(lab.cgroup)) == 6
+    assert len(cgroup_attachments(lab.cgroup)) == CGROUP_HOOKS
     r = lab.tproxy("uninstall")
     assert r.returncode == 0 and "uninstalled" in r.stdout, r.stderr
     assert reached(lab, REMOTE_IP4, 8000)["line"].startswith("remote ")
@@ -44,7 +44,7 @@ def test_install_twice_gives_the_same_state(lab):
         {k: v["link_id"] for k, v in second["links"].items()}
     for key in ("config", "cgroup", "local_networks", "instance_ip4", "instance_ip6"):
         assert first["meta"][key] == second["meta"][key]
-    assert len(cgroup_attachments(lab.cgroup)) == 6
+    assert len(cgroup_attachments(lab.cgroup)) == CGROUP_HOOKS
 
 
 def test_update_in_place_has_no_gap(lab):
@@ -92,7 +92,7 @@ def test_loader_killed_mid_install_then_install_recovers(lab):
     assert st and st[0]["problems"], st   # the half-done instance is visible as such
     install(lab)
     assert status(lab)[0]["problems"] == []
-    assert len(cgroup_attachments(lab.cgroup)) == 6
+    assert len(cgroup_attachments(lab.cgroup)) == CGROUP_HOOKS
     assert reached(lab, REMOTE_IP4, 8000)["line"].startswith("out ")
 
 
@@ -179,7 +179,7 @@ def test_recreated_cgroup_is_reported_and_reinstall_reattaches(lab):
         install(lab, "--ebpf-cgroup-path", cg, "--name", "re")
         st = json.loads(lab.tproxy("status", "--name", "re", "--output", "json").stdout)[0]
         assert st["problems"] == []
-        assert len(cgroup_attachments(cg)) == 6
+        assert len(cgroup_attachments(cg)) == CGROUP_HOOKS
     finally:
         lab.tproxy("uninstall", "--name", "re")
         os.rmdir(cg)
