@@ -59,6 +59,7 @@ static __always_inline int tp_sockops_in_netns(struct bpf_sock_ops *skops,
 static __always_inline void tp_register_listener(struct bpf_sock_ops *skops)
 {
 	struct tp_config *cfg;
+	u8 local[16];
 	u32 key;
 	long err;
 	u8 gen;
@@ -67,6 +68,15 @@ static __always_inline void tp_register_listener(struct bpf_sock_ops *skops)
 	if (!cfg || (u16)skops->local_port != cfg->inbound_port || !(cfg->flags & TP_F_INBOUND))
 		return;
 	if (!tp_sockops_in_netns(skops, cfg))
+		return;
+	/* A listener on loopback (Kuma's validator listens on 127.0.0.1:15006) could never
+	 * receive a connection from another host behind iptables either; registering it would
+	 * displace the proxy's real listener. */
+	if (skops->family == TP_AF_INET)
+		tp_addr_from_ip4(local, skops->local_ip4);
+	else
+		tp_addr_from_ctx_ip6(local, skops->local_ip6);
+	if (tp_addr_is_loopback_net(local))
 		return;
 	key = skops->family == TP_AF_INET ? TP_LISTENER_V4 : TP_LISTENER_V6;
 	/* BCC expands sock_map_update() into a statement: it cannot sit in a condition. */

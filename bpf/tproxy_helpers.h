@@ -101,6 +101,16 @@ static __always_inline int tp_addr_is_loopback1(const u8 *addr)
 	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(1);
 }
 
+/* 127.0.0.0/8 or ::1: an address only this host can reach. */
+static __always_inline int tp_addr_is_loopback_net(const u8 *addr)
+{
+	const u32 *w = (const u32 *)addr;
+
+	if (tp_addr_is_mapped(addr))
+		return (bpf_ntohl(w[3]) >> 24) == 127;
+	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(1);
+}
+
 /* 127.0.0.6 or ::6: the source Envoy binds for its inbound passthrough (Kuma rule c). */
 static __always_inline int tp_addr_is_passthrough_src(const u8 *addr)
 {

@@ -70,6 +70,13 @@ def fmt(addr):
 
 
 def dual_stack_listener(port, host="::"):
+    """[::] taking both families by default; an IPv4 host gives a plain AF_INET socket."""
+    if "." in host and ":" not in host:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.listen(4096)
+        return s
     s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -83,7 +90,7 @@ def cmd_listen(args):
     sel = selectors.DefaultSelector()
     for spec in args.specs:
         tag, _, port = spec.rpartition(":")
-        s = dual_stack_listener(int(port))
+        s = dual_stack_listener(int(port), args.host)
         s.setblocking(False)
         sel.register(s, selectors.EVENT_READ, tag)
     print("ready", flush=True)
@@ -326,6 +333,7 @@ def main(argv=None):
     p.add_argument("specs", nargs="+")
     p.add_argument("--log", help="also append each reply line to this file")
     p.add_argument("--accept-delay", type=float, default=0.0, metavar="SECONDS")
+    p.add_argument("--host", default="::", help="address to listen on (default [::])")
     p = sub.add_parser("proxy")
     p.add_argument("--port", type=int, default=15001)
     p.add_argument("--log")

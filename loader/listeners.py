@@ -16,8 +16,16 @@ SYS_PIDFD_GETFD = 438   # the same number on x86_64 and arm64
 TCP_LISTEN = "0A"
 
 
+def _loopback(hex_addr):
+    """/proc/net/tcp{,6} local address (hex, host-order words) is loopback."""
+    if len(hex_addr) == 8:
+        return hex_addr.endswith("7F") or hex_addr.endswith("7f")   # 127.x.x.x, little-endian
+    return hex_addr.upper() == "00000000000000000000000001000000"   # ::1
+
+
 def listening_inodes(port):
-    """{inode: family key} of sockets listening on port in this network namespace."""
+    """{inode: family key} of sockets listening on port in this network namespace, except
+    loopback-only ones (as sock_ops: they never receive connections from other hosts)."""
     out = {}
     for path, key in (("/proc/net/tcp", abi.TP_LISTENER_V4), ("/proc/net/tcp6",
                                                                abi.TP_LISTENER_V6)):
@@ -26,7 +34,9 @@ def listening_inodes(port):
                 next(f)
                 for line in f:
                     cols = line.split()
-                    if cols[3] == TCP_LISTEN and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                    addr, _, hport = cols[1].rpartition(":")
+                    if cols[3] == TCP_LISTEN and int(hport, 16) == port and \
+                            not _loopback(addr):
                         out[int(cols[9])] = key
         except FileNotFoundError:
             continue

@@ -176,3 +176,15 @@ def test_haproxy_inbound_passthrough(lab):
     # The application answered, through HAProxy, seeing the passthrough source.
     assert line.startswith("app orig=- peer=127.0.0.6:"), line
     assert line.endswith(f"local={APP_IP4}:8080")
+
+
+def test_a_loopback_listener_never_displaces_the_proxy(lab):
+    # Kuma's validator listens on 127.0.0.1:15006 as the DP user. Beside a proxy that
+    # listens on the pod's address, it must not take (or, closing, empty) its place.
+    lab.spawn(LS + ["listen", "in:15006", "--host", APP_IP4], user=DP_UID)
+    lab.spawn(LS + ["listen", "app:8080"])
+    install(lab)
+    assert from_remote(lab, APP_IP4, 8080).startswith("in ")
+    r = lab.run(LS + ["validator"], user=DP_UID)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert from_remote(lab, APP_IP4, 8080).startswith("in ")
