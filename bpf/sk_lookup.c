@@ -41,6 +41,12 @@ int sk_lookup_inbound(struct bpf_sk_lookup *ctx)
 		key = TP_LISTENER_V6;
 		sk = (struct bpf_sock *)tp_listeners.lookup(&key);
 	}
+	/* A listener registered for another inbound port (before an upgrade changed it)
+	 * is not the proxy's listener any more. */
+	if (sk && sk->src_port != cfg->inbound_port) {
+		bpf_sk_release(sk);
+		sk = NULL;
+	}
 	if (!sk) {
 		/* No proxy: refuse (SK_DROP ends the lookup with no socket, so the client
 		 * gets a RST), as iptables' REDIRECT to a closed port would. Never deliver the

@@ -81,8 +81,7 @@ static __always_inline void tp_register_listener(struct bpf_sock_ops *skops)
 	key = skops->family == TP_AF_INET ? TP_LISTENER_V4 : TP_LISTENER_V6;
 	/* BCC expands sock_map_update() into a statement: it cannot sit in a condition. */
 	err = tp_listeners.sock_map_update(skops, &key, BPF_ANY);
-	if (!err)
-		tp_count(TP_R_IN_LISTENER_SET);
+	tp_count(err ? TP_R_IN_LISTENER_FAILED : TP_R_IN_LISTENER_SET);
 }
 
 /* An accepted socket that sk_lookup steered to the proxy: the same decision again, on

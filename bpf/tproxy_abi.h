@@ -84,9 +84,10 @@
 #define TP_R_DNS_DP_DIRECT 29     /* DNS rule: UDP 53 from the DP user goes direct */
 #define TP_R_DNS_REDIRECT 30      /* DNS rule: UDP 53 -> the DNS port */
 #define TP_R_DNS_TCP_DIRECT 31    /* DNS rule: TCP 53 from anyone but the DP user: direct */
-#define TP_R_DNS_MAPPED_SKIPPED 32 /* UDP 53 to ::ffff:a.b.c.d on an IPv6 socket: not redirectable */
+#define TP_R_DNS_NOT_REDIRECTABLE 32 /* UDP 53 to a link-local (or mapped) server via sendmsg6 */
 #define TP_R_DNS_REPLY_RESTORED 33 /* a DNS reply's source shown as the server queried */
-#define TP_R_COUNT 34
+#define TP_R_IN_LISTENER_FAILED 34 /* the proxy's listener could not be put in tp_listeners */
+#define TP_R_COUNT 35
 
 struct tp_config {
 	__u32 flags;            /* TP_F_* */

@@ -48,9 +48,11 @@ int sendmsg6(struct bpf_sock_addr *ctx)
 		return 1;
 	/* A v4-mapped destination never gets here on the kernels seen so far: udpv6_sendmsg
 	 * hands it to the IPv4 path (and sendmsg4) first. Should one arrive, it must not be
-	 * rewritten: the kernel refuses a sendmsg6 rewritten to a mapped address (ENOTSUPP). */
-	if (tp_addr_is_mapped(a.dst)) {
-		tp_count(TP_R_DNS_MAPPED_SKIPPED);
+	 * rewritten: the kernel refuses a sendmsg6 rewritten to a mapped address (ENOTSUPP).
+	 * A link-local server (fe80::1%eth0) neither: the interface was already taken from
+	 * the scope id, and ::1 is not reachable through it. */
+	if (tp_addr_is_mapped(a.dst) || (a.dst[0] == 0xfe && (a.dst[1] & 0xc0) == 0x80)) {
+		tp_count(TP_R_DNS_NOT_REDIRECTABLE);
 		return 1;
 	}
 	if (!tp_remember_orig(sk, a.dst, a.dst_port, TP_AF_INET6))

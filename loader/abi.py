@@ -70,8 +70,9 @@ REASONS = [
     ("TP_R_DNS_DP_DIRECT", "dns_dp_direct"),
     ("TP_R_DNS_REDIRECT", "redirected_dns"),
     ("TP_R_DNS_TCP_DIRECT", "dns_tcp_direct"),
-    ("TP_R_DNS_MAPPED_SKIPPED", "dns_v4_mapped_not_redirected"),
+    ("TP_R_DNS_NOT_REDIRECTABLE", "dns_not_redirectable"),
     ("TP_R_DNS_REPLY_RESTORED", "dns_reply_source_restored"),
+    ("TP_R_IN_LISTENER_FAILED", "inbound_listener_registration_failed"),
 ]
 TP_R_COUNT = len(REASONS)
 REASON_INDEX = {name: i for i, (_, name) in enumerate(REASONS)}

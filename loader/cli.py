@@ -314,6 +314,8 @@ def install(**kw):
         fail(str(e), EXIT_FAILED)
     except OSError as e:
         fail(f"install failed and was rolled back: {e}", EXIT_FAILED)
+    for w in p.get("warnings", []):
+        click.echo(f"ebpf-tproxy: warning: {w}", err=True)
     if not p["netns_cookie"]:
         click.echo("ebpf-tproxy: warning: this kernel cannot name network namespaces "
                    "(SO_NETNS_COOKIE needs 5.14): sockets of every namespace in the cgroup "

@@ -89,8 +89,9 @@ SCHEMA = {
     "verbose": (False, "bool"),
 }
 
-# Keys that only mean something to iptables. Accepted so existing invocations and config
-# files keep working; a non-default value gets one line saying what it means here.
+# Keys that only mean something to iptables (or to Kuma's old eBPF mode). Accepted so
+# existing invocations and config files keep working; a non-default value gets one line
+# saying what it means here.
 IPTABLES_ONLY = {
     "redirect.inbound.insertRedirectInsteadOfAppend":
         "not applicable to eBPF: there is no iptables chain to insert into",
@@ -114,6 +115,9 @@ IPTABLES_ONLY = {
     "storeFirewalld": "not applicable to eBPF: no firewalld rules are written (the "
                       "programs stay attached until uninstall or reboot)",
     "cniMode": "not applicable: ebpf-tproxy is not a CNI plugin",
+    "ebpf.tcAttachIface": "ignored: no tc program is used (sk_lookup covers every "
+                          "interface of the namespace)",
+    "ebpf.programsSourcePath": "ignored: the programs are built in and compiled at install",
 }
 
 # Keys this version refuses: honouring them silently would leave traffic uncaptured.
@@ -123,9 +127,6 @@ NOT_YET = {
     "redirect.vnet.networks": "--vnet (traffic bridged from a local interface such as "
                               "docker0, treated as outbound) is not implemented: cgroup "
                               "hooks never see forwarded traffic",
-    "ebpf.tcAttachIface": "no tc program is used: inbound capture (sk_lookup) needs no "
-                          "interface",
-    "ebpf.programsSourcePath": "the programs are built in; there is no source path to set",
 }
 
 

@@ -95,6 +95,10 @@ def dns_servers(settings):
     families = [4, 6] if settings.ipv6 else [4]
     if settings.ipv6:
         servers += found[6]
+    for ip in found[6] if settings.ipv6 else []:
+        if ipaddress.ip_address(ip).is_link_local:
+            warnings.append(f"nameserver {ip} is link-local: queries sent to it with "
+                            "sendto() (musl) cannot be redirected and go to it directly")
     for fam in families:
         if not found[fam]:
             warnings.append(f"{settings.resolv_conf} has no IPv{fam} nameserver: IPv{fam} DNS "
@@ -281,7 +285,7 @@ def install(settings: Settings, cgroup_path, progress=None):
     if mounted:
         os.makedirs(MOUNT_MARKER_DIR, exist_ok=True)
         open(_mount_marker(settings.bpffs_path), "w").close()
-    added_lo = False
+    added_lo, lo_problem = False, None
     try:
         with bpffs_lock(settings.bpffs_path):
             fresh = not os.path.isdir(paths.instance)
@@ -289,10 +293,12 @@ def install(settings: Settings, cgroup_path, progress=None):
             # Kuma adds ::6/128 to lo for Envoy's IPv6 passthrough source (rule 4c); so do
             # we, and uninstall removes it only if it was ours.
             if settings.ipv6:
-                added_lo = netinfo.ensure_lo_address()
+                added_lo, lo_problem = netinfo.ensure_lo_address()
             p = plan(settings, netinfo.local_networks(), netinfo.default_instance_ips(),
                      cgroup_path, bpfsys.netns_cookie())
             p["added_lo_address"] = bool(added_lo or (existing or {}).get("added_lo_address"))
+            if settings.ipv6 and lo_problem:
+                p.setdefault("warnings", []).append(lo_problem)
             if existing and existing.get("cgroup") != cgroup_path:
                 raise InstallError(
                     f"instance {settings.name!r} is attached to {existing.get('cgroup')}; "
@@ -368,17 +374,20 @@ def _install_locked(settings, cgroup_path, paths, p, progress):
         finally:
             for _, old_fd in swapped:
                 os.close(old_fd)
+        if settings.inbound_enabled:
+            # Before the flip: from the moment inbound capture is on, a proxy that was
+            # already listening must be there to take the connections.
+            lines, problems = listeners.register_existing(
+                paths.map("tp_listeners"), settings.inbound_port, cgroup_path)
+            for line in lines:
+                _log(progress, line)
+            p.setdefault("warnings", []).extend(problems)
         # The old generation is left as it is, not cleared: a connect() that read the old
         # tp_active a moment ago may still be using it. The next install clears it first.
         maps.flip(new)
         maps.write_meta(dict(p, installed_at=int(time.time()), features=list(features),
                              programs=[dict(name=pr.name, hook=pr.hook, target=pr.target)
                                        for pr, _ in loaded]))
-        if settings.inbound_enabled:
-            found = listeners.register_existing(paths.map("tp_listeners"),
-                                                settings.inbound_port, cgroup_path)
-            for line in found:
-                _log(progress, line)
     finally:
         for fd in targets.values():
             os.close(fd)

@@ -17,10 +17,14 @@ TCP_LISTEN = "0A"
 
 
 def _loopback(hex_addr):
-    """/proc/net/tcp{,6} local address (hex, host-order words) is loopback."""
-    if len(hex_addr) == 8:
-        return hex_addr.endswith("7F") or hex_addr.endswith("7f")   # 127.x.x.x, little-endian
-    return hex_addr.upper() == "00000000000000000000000001000000"   # ::1
+    """/proc/net/tcp{,6} local address (hex, 32-bit words in host order) is loopback:
+    127.0.0.0/8, ::1, or ::ffff:127.x.x.x, as tp_addr_is_loopback_net() in BPF."""
+    a = hex_addr.upper()
+    if len(a) == 8:
+        return a.endswith("7F")                       # first byte 127, printed last
+    if a == "00000000000000000000000001000000":
+        return True
+    return a.startswith("0000000000000000FFFF0000") and a.endswith("7F")
 
 
 def listening_inodes(port):
@@ -89,26 +93,33 @@ def _dup_from(pid, fd):
 
 
 def register_existing(sockmap_pin, port, cgroup_path):
-    """Put already-listening proxy sockets into tp_listeners. Returns lines for --verbose."""
+    """Put already-listening proxy sockets into tp_listeners.
+    Returns (lines for --verbose, warnings every user must see)."""
     root = kernel.cgroup2_mount() or "/"
     cgroup_rel = "/" + os.path.relpath(cgroup_path, root).lstrip(".")
     inodes = listening_inodes(port)
     if not inodes:
-        return [f"no proxy listens on port {port} yet: it is registered when it does"]
-    lines = []
+        return [f"no proxy listens on port {port} yet: it is registered when it does"], []
+    lines, warnings = [], []
+    holders = _holders(inodes, cgroup_rel)
+    if not holders:
+        warnings.append(f"something listens on port {port} outside {cgroup_path}: it is not "
+                        "the proxy of this cgroup, so inbound connections are refused until "
+                        "the proxy listens")
     with bpfsys.PinnedMap(sockmap_pin, ct.c_uint32, ct.c_uint64) as sockmap:
-        for inode, (pid, fd) in _holders(inodes, cgroup_rel).items():
+        for inode, (pid, fd) in holders.items():
             try:
                 mine = _dup_from(pid, fd)
             except OSError as e:
-                lines.append(f"cannot take the listener of pid {pid} ({e}); restart the proxy")
+                warnings.append(f"cannot take the listener of pid {pid} on port {port} ({e}): "
+                                "inbound connections are refused until the proxy restarts")
                 continue
             try:
                 sockmap.update(ct.c_uint32(inodes[inode]), ct.c_uint64(mine))
                 lines.append(f"registered the listener of pid {pid} on port {port}")
             finally:
                 os.close(mine)
-    return lines
+    return lines, warnings
 
 
 def registered(sockmap_pin):

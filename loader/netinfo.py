@@ -61,14 +61,19 @@ KUMA_LO_V6 = "::6"   # Envoy binds ::6 as the source of its IPv6 inbound passthr
 
 
 def ensure_lo_address(address=KUMA_LO_V6, prefixlen=128):
-    """Add address/128 to lo, as Kuma does, unless it is there. True if this call added it."""
+    """Add address/128 to lo, as Kuma does, unless it is there.
+    Returns (added by this call, a warning if it could not be added)."""
     with IPRoute() as ipr:
         lo = [ln["index"] for ln in ipr.get_links() if ln["flags"] & IFF_LOOPBACK][0]
         for a in ipr.get_addr(family=10, index=lo):
             if a.get_attr("IFA_ADDRESS") == address:
-                return False
-        ipr.addr("add", index=lo, address=address, prefixlen=prefixlen)
-        return True
+                return False, None
+        try:
+            ipr.addr("add", index=lo, address=address, prefixlen=prefixlen)
+        except Exception as e:   # pyroute2's NetlinkError: IPv6 disabled in this namespace
+            return False, (f"cannot add {address}/{prefixlen} to lo ({e}): IPv6 looks "
+                           "disabled here; use --ip-family-mode ipv4")
+        return True, None
 
 
 def remove_lo_address(address=KUMA_LO_V6, prefixlen=128):
