@@ -68,3 +68,21 @@ def test_ipv6_end_to_end_through_the_lab_proxy(server):
     body, peer = curl(lab, f"http://[{REMOTE_IP6}]:8080/")
     assert body.startswith(f"client=[{APP_IP6}]:"), body
     assert peer == f"{REMOTE_IP6} 8080"
+
+
+@pytest.mark.parametrize("app_ip", [APP_IP4, APP_IP6], ids=["ipv4", "ipv6"])
+def test_inbound_end_to_end_through_the_lab_proxy(lab, app_ip):
+    # A client on the remote host calls the application's HTTP server; the proxy's
+    # inbound side learns the address it dialed and passes the request on from 127.0.0.6
+    # (::6), as Envoy's inbound passthrough does.
+    lab.spawn([sys.executable, "-m", "loader.labservers", "http", "8080"])
+    install(lab)
+    lab.spawn([sys.executable, "-m", "loader.labservers", "proxy", "--port", "15006",
+               "--passthrough"], user=DP_UID)
+    host = f"[{app_ip}]" if ":" in app_ip else app_ip
+    r = lab.run(["curl", "-sS", "-g", "-m", "10", f"http://{host}:8080/"], ns=lab.remote_ns,
+                in_cgroup=False)
+    assert r.returncode == 0, r.stderr
+    passthrough = "[::6]" if ":" in app_ip else "127.0.0.6"
+    assert r.stdout.startswith(f"client={passthrough}:"), r.stdout
+    assert f"server={host}:8080" in r.stdout
