@@ -44,8 +44,8 @@ int connect4(struct bpf_sock_addr *ctx)
 		/* Failure leaves the kernel's source choice (127.0.0.1): still captured. */
 		bpf_bind(ctx, (struct sockaddr *)&sin, sizeof(sin));
 	}
-	ctx->user_ip4 = bpf_htonl(0x7f000001);
-	ctx->user_port = bpf_htons(target_port);
+	tp_loopback_target(a.dst, 1);
+	tp_ctx_set4(ctx, a.dst, target_port);
 	return 1;
 }
 
@@ -83,17 +83,7 @@ int connect6(struct bpf_sock_addr *ctx)
 			bpf_bind(ctx, (struct sockaddr *)&sin6, sizeof(sin6));
 		}
 	}
-	if (mapped) {
-		TP_CTX_U32(ctx->user_ip6[0]) = 0;
-		TP_CTX_U32(ctx->user_ip6[1]) = 0;
-		TP_CTX_U32(ctx->user_ip6[2]) = bpf_htonl(0x0000ffff);
-		TP_CTX_U32(ctx->user_ip6[3]) = bpf_htonl(0x7f000001);
-	} else {
-		TP_CTX_U32(ctx->user_ip6[0]) = 0;
-		TP_CTX_U32(ctx->user_ip6[1]) = 0;
-		TP_CTX_U32(ctx->user_ip6[2]) = 0;
-		TP_CTX_U32(ctx->user_ip6[3]) = bpf_htonl(1);
-	}
-	ctx->user_port = bpf_htons(target_port);
+	tp_loopback_target(a.dst, mapped);
+	tp_ctx_set6(ctx, a.dst, target_port);
 	return 1;
 }

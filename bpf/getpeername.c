@@ -15,8 +15,7 @@ int getpeername4(struct bpf_sock_addr *ctx)
 	o = tp_sk_orig.sk_storage_get(ctx->sk, 0, 0);
 	if (!o || o->family != TP_AF_INET)
 		return 1;
-	ctx->user_ip4 = ((u32 *)o->addr)[3];
-	ctx->user_port = bpf_htons(o->port);
+	tp_ctx_set4(ctx, o->addr, o->port);
 	tp_count(TP_R_PEERNAME_RESTORED);
 	return 1;
 }
@@ -24,7 +23,6 @@ int getpeername4(struct bpf_sock_addr *ctx)
 int getpeername6(struct bpf_sock_addr *ctx)
 {
 	struct tp_orig_dst *o;
-	u32 *w;
 
 	if (!ctx->sk)
 		return 1;
@@ -32,12 +30,7 @@ int getpeername6(struct bpf_sock_addr *ctx)
 	if (!o)
 		return 1;
 	/* An AF_INET6 socket that dialed ::ffff:a.b.c.d gets the mapped address back. */
-	w = (u32 *)o->addr;
-	TP_CTX_U32(ctx->user_ip6[0]) = w[0];
-	TP_CTX_U32(ctx->user_ip6[1]) = w[1];
-	TP_CTX_U32(ctx->user_ip6[2]) = w[2];
-	TP_CTX_U32(ctx->user_ip6[3]) = w[3];
-	ctx->user_port = bpf_htons(o->port);
+	tp_ctx_set6(ctx, o->addr, o->port);
 	tp_count(TP_R_PEERNAME_RESTORED);
 	return 1;
 }

@@ -121,6 +121,38 @@ static __always_inline int tp_addr_is_passthrough_src(const u8 *addr)
 	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(6);
 }
 
+/* Write an address (and port) into a sock_addr context: the peer shown by getpeername()
+ * or recvmsg(), or the destination of a connect()/sendmsg(). IPv4 contexts take the
+ * mapped address's last word; IPv6 ones all four (a v4-mapped address stays mapped). */
+static __always_inline void tp_ctx_set4(struct bpf_sock_addr *ctx, const u8 *addr, u16 port)
+{
+	ctx->user_ip4 = ((const u32 *)addr)[3];
+	ctx->user_port = bpf_htons(port);
+}
+
+static __always_inline void tp_ctx_set6(struct bpf_sock_addr *ctx, const u8 *addr, u16 port)
+{
+	const u32 *w = (const u32 *)addr;
+
+	TP_CTX_U32(ctx->user_ip6[0]) = w[0];
+	TP_CTX_U32(ctx->user_ip6[1]) = w[1];
+	TP_CTX_U32(ctx->user_ip6[2]) = w[2];
+	TP_CTX_U32(ctx->user_ip6[3]) = w[3];
+	ctx->user_port = bpf_htons(port);
+}
+
+/* Where redirected traffic goes: 127.0.0.1 (::ffff:127.0.0.1 on an IPv6 socket dialing a
+ * v4-mapped address) or ::1 -- what iptables REDIRECT uses for locally made packets. */
+static __always_inline void tp_loopback_target(u8 *addr, int v4)
+{
+	u32 *w = (u32 *)addr;
+
+	w[0] = 0;
+	w[1] = 0;
+	w[2] = v4 ? bpf_htonl(0x0000ffff) : 0;
+	w[3] = v4 ? bpf_htonl(0x7f000001) : bpf_htonl(1);
+}
+
 static __always_inline int tp_port_in(u8 gen, u8 kind, u16 port)
 {
 	struct tp_port_key k = { .gen = gen, .kind = kind, .port = port };

@@ -28,8 +28,8 @@ int sendmsg4(struct bpf_sock_addr *ctx)
 		return 1;
 	if (!tp_remember_orig(sk, a.dst, a.dst_port, TP_AF_INET))
 		return 1;
-	ctx->user_ip4 = bpf_htonl(0x7f000001);
-	ctx->user_port = bpf_htons(target_port);
+	tp_loopback_target(a.dst, 1);
+	tp_ctx_set4(ctx, a.dst, target_port);
 	return 1;
 }
 
@@ -57,11 +57,8 @@ int sendmsg6(struct bpf_sock_addr *ctx)
 	}
 	if (!tp_remember_orig(sk, a.dst, a.dst_port, TP_AF_INET6))
 		return 1;
-	TP_CTX_U32(ctx->user_ip6[0]) = 0;
-	TP_CTX_U32(ctx->user_ip6[1]) = 0;
-	TP_CTX_U32(ctx->user_ip6[2]) = 0;
-	TP_CTX_U32(ctx->user_ip6[3]) = bpf_htonl(1);
-	ctx->user_port = bpf_htons(target_port);
+	tp_loopback_target(a.dst, 0);
+	tp_ctx_set6(ctx, a.dst, target_port);
 	return 1;
 }
 
@@ -93,8 +90,7 @@ int recvmsg4(struct bpf_sock_addr *ctx)
 	o = tp_dns_reply_orig(ctx, src, bpf_ntohs((u16)ctx->user_port));
 	if (!o || o->family != TP_AF_INET)
 		return 1;
-	ctx->user_ip4 = ((u32 *)o->addr)[3];
-	ctx->user_port = bpf_htons(o->port);
+	tp_ctx_set4(ctx, o->addr, o->port);
 	tp_count(TP_R_DNS_REPLY_RESTORED);
 	return 1;
 }
@@ -103,19 +99,13 @@ int recvmsg6(struct bpf_sock_addr *ctx)
 {
 	struct tp_orig_dst *o;
 	u8 src[16];
-	u32 *w;
 
 	tp_addr_from_ctx_ip6(src, ctx->user_ip6);
 	o = tp_dns_reply_orig(ctx, src, bpf_ntohs((u16)ctx->user_port));
 	if (!o)
 		return 1;
 	/* A connected AF_INET6 socket that dialed ::ffff:a.b.c.d gets the mapped address. */
-	w = (u32 *)o->addr;
-	TP_CTX_U32(ctx->user_ip6[0]) = w[0];
-	TP_CTX_U32(ctx->user_ip6[1]) = w[1];
-	TP_CTX_U32(ctx->user_ip6[2]) = w[2];
-	TP_CTX_U32(ctx->user_ip6[3]) = w[3];
-	ctx->user_port = bpf_htons(o->port);
+	tp_ctx_set6(ctx, o->addr, o->port);
 	tp_count(TP_R_DNS_REPLY_RESTORED);
 	return 1;
 }

@@ -217,7 +217,7 @@ def cmd_hold(args):
 
 
 def _dns_answer(query, a, aaaa):
-    qid, _, qd = query[:2], query[2:4], int.from_bytes(query[4:6], "big")
+    qid = query[:2]
     i = 12
     while query[i]:
         i += query[i] + 1

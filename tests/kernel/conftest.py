@@ -50,3 +50,12 @@ def reached(lab, host, port, user=APP_UID, bind=None, ns=None, close_at_once=Fal
     r = lab.py(*args, user=user, ns=ns)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
+
+
+def haproxy_config(port, server):
+    """A TCP-mode HAProxy configuration: one frontend on port, one backend server line.
+    `server x 0.0.0.0:0` sends each connection to its SO_ORIGINAL_DST answer."""
+    return (f"global\n    maxconn 256\ndefaults\n    mode tcp\n    timeout connect 5s\n"
+            f"    timeout client 30s\n    timeout server 30s\nfrontend capture\n"
+            f"    bind 0.0.0.0:{port}\n    default_backend original_destination\n"
+            f"backend original_destination\n    server {server}\n")

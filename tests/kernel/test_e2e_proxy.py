@@ -8,24 +8,7 @@ import pytest
 
 from loader.lab import APP_IP4, APP_IP6, REMOTE_IP4, REMOTE_IP6
 
-from .conftest import DP_UID, install
-
-HAPROXY_CFG = """
-global
-    maxconn 256
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-frontend outbound
-    bind 0.0.0.0:15001
-    default_backend original_destination
-backend original_destination
-    # 0.0.0.0:0 = connect to the client's original destination (SO_ORIGINAL_DST).
-    server orig 0.0.0.0:0
-"""
-
+from .conftest import DP_UID, haproxy_config, install
 
 def curl(lab, url):
     r = lab.run(["curl", "-sS", "-m", "10", "-g", "-w", "\\n%{remote_ip} %{remote_port}", url])
@@ -44,7 +27,7 @@ def server(lab):
 def test_haproxy_debian_package_learns_original_destination(server):
     lab = server
     assert shutil.which("haproxy"), "make setup installs haproxy"
-    cfg = lab.shared_file("haproxy.cfg", HAPROXY_CFG)
+    cfg = lab.shared_file("haproxy.cfg", haproxy_config(15001, "orig 0.0.0.0:0"))
     install(lab)
     proc = lab.spawn(["haproxy", "-db", "-f", cfg], user=DP_UID, ready=None)
     lab.wait_listening(15001, proc=proc)

@@ -10,7 +10,7 @@ import pytest
 
 from loader.lab import APP_IP4, APP_IP6, REMOTE_IP4
 
-from .conftest import DP_UID, DP_USER, install
+from .conftest import DP_UID, haproxy_config, install
 from .residue import cgroup_attachments, pins, snapshot, wait_back_to
 
 LS = [sys.executable, "-m", "loader.labservers"]
@@ -147,28 +147,12 @@ def test_uninstall_releases_inbound_and_leaves_nothing(pod):
     assert wait_back_to(before) == {}
 
 
-HAPROXY_INBOUND = """
-global
-    maxconn 256
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-frontend inbound
-    bind 0.0.0.0:15006
-    default_backend application
-backend application
-    # 0.0.0.0:0: the original destination (SO_ORIGINAL_DST); source 127.0.0.6 is how
-    # Envoy's inbound passthrough reaches the application without being captured again
-    # (Kuma rule 4c).
-    server app 0.0.0.0:0 source 127.0.0.6
-"""
-
-
 def test_haproxy_inbound_passthrough(lab):
     lab.spawn(LS + ["listen", "app:8080"])
-    cfg = lab.shared_file("haproxy-in.cfg", HAPROXY_INBOUND)
+    # 0.0.0.0:0: the original destination; source 127.0.0.6 is how Envoy's inbound
+    # passthrough reaches the application without being captured again (Kuma rule 4c).
+    cfg = lab.shared_file("haproxy-in.cfg",
+                          haproxy_config(15006, "app 0.0.0.0:0 source 127.0.0.6"))
     install(lab)
     proc = lab.spawn(["haproxy", "-db", "-f", cfg], user=DP_UID, ready=None)
     lab.wait_listening(15006, proc=proc)
