@@ -327,10 +327,19 @@ def _install_locked(settings, cgroup_path, paths, p, progress):
     os.makedirs(paths.maps, exist_ok=True)
     os.makedirs(paths.links, exist_ok=True)
     _log(progress, "probing kernel features")
-    features = probe.build_features(probe.probe_hooks())
+    try:
+        features = probe.build_features(probe.probe_hooks())
+    except Exception as e:
+        raise InstallError(f"BCC could not build the feature probes ({str(e).splitlines()[0]})"
+                           "; run 'make setup' and 'ebpf-tproxy check'") from None
     _log(progress, "compiling the BPF programs (BCC)"
          + (f" with {', '.join(features)}" if features else ""))
-    bpf = programs.compile_programs(paths.maps, features)
+    try:
+        bpf = programs.compile_programs(paths.maps, features)
+    except Exception as e:   # BCC raises a bare Exception; its compiler output is on stderr
+        raise InstallError(f"BCC could not build the programs ({str(e).splitlines()[0]}); "
+                           "run 'make setup' (kernel headers, python3-bpfcc) and "
+                           "'ebpf-tproxy check'") from None
     maps = Maps(paths)
     targets = {"cgroup": os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY),
                "netns": os.open("/proc/self/ns/net", os.O_RDONLY)}
