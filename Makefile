@@ -1,7 +1,7 @@
 # ebpf-tproxy. Run as root on Debian/Ubuntu: `make demo`, `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-unit test-kernel clean
+.PHONY: setup demo test test-unit test-kernel differential clean
 
 setup:
 	@bash scripts/setup.sh
@@ -17,6 +17,10 @@ test-unit: setup
 
 test-kernel: setup
 	$(PY) -m pytest -ra tests/kernel
+
+# Every combination of a few Kuma settings, iptables vs eBPF (make test runs one at a time).
+differential: setup
+	EBPF_TPROXY_DIFFERENTIAL=large $(PY) -m pytest -ra tests/kernel/test_differential.py
 
 clean:
 	rm -rf .venv *.egg-info .pytest_cache

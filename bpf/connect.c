@@ -7,9 +7,9 @@
  * What iptables REDIRECT does, done at connect() time instead of per packet:
  *  - the destination becomes 127.0.0.1 (::1) at the redirect port: REDIRECT in nat OUTPUT
  *    maps locally generated packets to the loopback address;
- *  - the source stays the host's address: iptables chose it from the route to the
- *    original destination before NAT, so an unbound TCP socket is bound to the instance IP
- *    (--ebpf-instance-ip) here, and the proxy sees the host's address, not 127.0.0.1;
+ *  - the source stays what the route to the original destination chose before NAT, so an
+ *    unbound TCP socket is bound to that address here (tp_redirect_source): the proxy
+ *    sees the host's address, not 127.0.0.1;
  *  - the original destination is kept in the socket's sk_storage, for getpeername(), for
  *    sock_ops to record it for the proxy's SO_ORIGINAL_DST, and for recvmsg to show DNS
  *    replies as coming from the server that was asked.
@@ -36,11 +36,10 @@ int connect4(struct bpf_sock_addr *ctx)
 	}
 	if (!tp_remember_orig(sk, a.dst, a.dst_port, TP_AF_INET))
 		return 1;
-	if (v != TP_TO_DNS && tp_addr_is_unspecified(a.src) &&
-	    !tp_addr_is_zero(cfg->instance_ip4)) {
+	if (v != TP_TO_DNS && tp_redirect_source(&a, cfg, a.src)) {
 		struct sockaddr_in sin = { .sin_family = TP_AF_INET };
 
-		sin.sin_addr.s_addr = ((u32 *)cfg->instance_ip4)[3];
+		sin.sin_addr.s_addr = ((u32 *)a.src)[3];
 		/* Failure leaves the kernel's source choice (127.0.0.1): still captured. */
 		bpf_bind(ctx, (struct sockaddr *)&sin, sizeof(sin));
 	}
@@ -73,15 +72,11 @@ int connect6(struct bpf_sock_addr *ctx)
 	mapped = tp_addr_is_mapped(a.dst);
 	if (!tp_remember_orig(sk, a.dst, a.dst_port, mapped ? TP_AF_INET : TP_AF_INET6))
 		return 1;
-	if (v != TP_TO_DNS && tp_addr_is_unspecified(a.src)) {
-		const u8 *ip = mapped ? cfg->instance_ip4 : cfg->instance_ip6;
+	if (v != TP_TO_DNS && tp_redirect_source(&a, cfg, a.src)) {
+		struct sockaddr_in6 sin6 = { .sin6_family = TP_AF_INET6 };
 
-		if (!tp_addr_is_zero(ip)) {
-			struct sockaddr_in6 sin6 = { .sin6_family = TP_AF_INET6 };
-
-			__builtin_memcpy(&sin6.sin6_addr, ip, 16);
-			bpf_bind(ctx, (struct sockaddr *)&sin6, sizeof(sin6));
-		}
+		__builtin_memcpy(&sin6.sin6_addr, a.src, 16);
+		bpf_bind(ctx, (struct sockaddr *)&sin6, sizeof(sin6));
 	}
 	tp_loopback_target(a.dst, mapped);
 	tp_ctx_set6(ctx, a.dst, target_port);

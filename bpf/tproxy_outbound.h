@@ -21,11 +21,12 @@ struct tp_conn_attempt {
 	u8 dst[16];      /* mapped for IPv4 */
 	u8 src[16];      /* bound source, unspecified if none */
 	u16 dst_port;
+	u8 dst_local;    /* set by tp_outbound_decide: the destination is local */
 	u32 uid;
 };
 
 static __always_inline enum tp_verdict tp_outbound_decide(u8 gen, const struct tp_config *cfg,
-							   const struct tp_conn_attempt *a,
+							   struct tp_conn_attempt *a,
 							   u32 *reason)
 {
 	int is_dp = a->uid == cfg->dp_uid;
@@ -59,6 +60,7 @@ static __always_inline enum tp_verdict tp_outbound_decide(u8 gen, const struct t
 		return TP_DIRECT;
 	}
 	local = tp_addr_is_local(gen, a->dst);
+	a->dst_local = local;
 	/* 4c. -A KUMA_MESH_OUTBOUND -s 127.0.0.6/32 -o lo -j RETURN: Envoy's inbound
 	 * passthrough to the application. */
 	if (local && tp_addr_is_passthrough_src(a->src)) {

@@ -74,4 +74,25 @@ static __always_inline enum tp_verdict tp_verdict(struct bpf_sock_addr *ctx,
 	return v;
 }
 
+/* The source a redirected TCP connection should have: the one the kernel's route to the
+ * original destination would have chosen, which is what iptables leaves in place (it
+ * rewrites only the destination). Loopback destinations: none to set (127.0.0.1 or ::1
+ * follows from the new destination). Another local address: that address itself. A
+ * remote one: the instance IP (--ebpf-instance-ip), the namespace's own address.
+ * Returns 0 when the kernel's choice is already right. */
+static __always_inline int tp_redirect_source(const struct tp_conn_attempt *a,
+					      const struct tp_config *cfg, u8 *src)
+{
+	const u8 *ip = tp_addr_is_mapped(a->dst) ? cfg->instance_ip4 : cfg->instance_ip6;
+
+	if (!tp_addr_is_unspecified(a->src) || tp_addr_is_loopback_net(a->dst))
+		return 0;
+	if (a->dst_local)
+		ip = a->dst;
+	if (tp_addr_is_zero(ip))
+		return 0;
+	__builtin_memcpy(src, ip, 16);
+	return 1;
+}
+
 #endif /* TPROXY_REDIRECT_H */

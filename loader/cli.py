@@ -122,6 +122,9 @@ KUMA_OPTIONS = [
     click.option("--dry-run", is_flag=True, default=None,
                  help="Print the plan (programs, attach points, map contents); change nothing."),
     click.option("--verbose", is_flag=True, default=None, help="Show each step."),
+    click.option("--explain", is_flag=True, help="With --dry-run: also print the iptables "
+                 "rules Kuma would write for this configuration (what the programs stand "
+                 "in for)."),
 ]
 
 FLAG_PATHS = {
@@ -299,6 +302,12 @@ def install(**kw):
         p["maps"] = instance.map_contents(settings, p)
         p["pins"] = instance.Paths(settings.bpffs_path, settings.name).instance
         click.echo(config.dump_json(p))
+        if kw["explain"]:
+            from . import iptables_oracle
+            for fam, tool in ((4, "iptables"), (6, "ip6tables")):
+                if fam == 4 or settings.ipv6:
+                    click.echo(f"\n# {tool}-restore equivalent (Kuma's rules)")
+                    click.echo(iptables_oracle.rules(settings, fam, p["dns_servers"]), nl=False)
         return
     ver = kernel.check_kernel_version()
     if not ver.ok:

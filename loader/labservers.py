@@ -24,6 +24,9 @@
         (recvfrom), and with --connected the getpeername() of the connected socket.
     python -m loader.labservers http PORT
         An HTTP server that answers every GET with "client=<peer> server=<local>".
+    python -m loader.labservers probe JSON
+        Many connections in one process: JSON is a list of [host, port, bind-or-null];
+        prints a JSON list of {"line", "getpeername"} in the same order.
     python -m loader.labservers validator [--ipv6]
         Kuma's transparent-proxy validator: listen on 127.0.0.1:15006 (::1), connect from
         127.0.0.1 to 127.0.0.6:<20000-29999> (::6), succeed only if it lands there.
@@ -301,6 +304,14 @@ def cmd_http(args):
     srv.serve_forever()
 
 
+def cmd_probe(args):
+    out = []
+    for host, port, bind in json.loads(args.attempts):
+        line, peer = connect_once(host, int(port), bind, timeout=3.0)
+        out.append({"line": line, "getpeername": peer})
+    print(json.dumps(out))
+
+
 def cmd_validator(args):
     lo, passthrough = ("::1", "::6") if args.ipv6 else ("127.0.0.1", "127.0.0.6")
     fam = socket.AF_INET6 if args.ipv6 else socket.AF_INET
@@ -360,12 +371,14 @@ def main(argv=None):
     p.add_argument("server")
     p.add_argument("name")
     p.add_argument("--connected", action="store_true")
+    p = sub.add_parser("probe")
+    p.add_argument("attempts")
     p = sub.add_parser("validator")
     p.add_argument("--ipv6", action="store_true")
     args = ap.parse_args(argv)
     {"listen": cmd_listen, "proxy": cmd_proxy, "connect": cmd_connect,
      "validator": cmd_validator, "http": cmd_http, "echo": cmd_echo,
-     "hold": cmd_hold, "dns": cmd_dns, "query": cmd_query}[args.cmd](args)
+     "hold": cmd_hold, "dns": cmd_dns, "query": cmd_query, "probe": cmd_probe}[args.cmd](args)
 
 
 if __name__ == "__main__":

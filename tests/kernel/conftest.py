@@ -59,3 +59,13 @@ def haproxy_config(port, server):
             f"    timeout client 30s\n    timeout server 30s\nfrontend capture\n"
             f"    bind 0.0.0.0:{port}\n    default_backend original_destination\n"
             f"backend original_destination\n    server {server}\n")
+
+
+def sh_in(ns, *cmd, input=None):
+    """Run a command in a lab namespace (nsenter keeps the mounts; ip netns exec would
+    remount /sys)."""
+    import subprocess
+    r = subprocess.run(["nsenter", f"--net=/run/netns/{ns}", *cmd], input=input,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, f"{cmd}: {r.stderr}"
+    return r

@@ -49,3 +49,12 @@ def test_status_without_instances(lab):
     assert r.returncode == 0 and "no instances installed" in r.stdout
     r = lab.tproxy("uninstall")
     assert r.returncode == 0 and "nothing to uninstall" in r.stdout
+
+
+def test_dry_run_explain_prints_kumas_rules_beside_the_plan(lab):
+    r = lab.tproxy("install", "--kuma-dp-user", DP_USER, "--dry-run", "--explain",
+                   "--exclude-outbound-ports", "22")
+    assert r.returncode == 0, r.stderr
+    assert "# iptables-restore equivalent" in r.stdout
+    assert "-A KUMA_MESH_OUTBOUND -p tcp --dport 22 -j RETURN" in r.stdout
+    assert "# ip6tables-restore equivalent" in r.stdout
