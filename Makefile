@@ -1,7 +1,7 @@
 # ebpf-tproxy. Run as root on Debian/Ubuntu: `make demo`, `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-unit test-kernel differential clean
+.PHONY: setup demo test test-unit test-kernel differential bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -21,6 +21,11 @@ test-kernel: setup
 # Every combination of a few Kuma settings, iptables vs eBPF (make test runs one at a time).
 differential: setup
 	EBPF_TPROXY_DIFFERENTIAL=large $(PY) -m pytest -ra tests/kernel/test_differential.py
+
+# Our capture vs iptables vs no capture, side by side (not part of make test).
+bench: setup
+	@bash scripts/setup.sh bench
+	$(PY) bench/run.py
 
 clean:
 	rm -rf .venv *.egg-info .pytest_cache

@@ -186,6 +186,16 @@ def _config_struct(settings, p):
     return cfg
 
 
+def _shorten_lists(obj, limit=32):
+    """The description kept in tp_meta names long lists (10,000 excluded CIDRs) by their
+    size and first entries; the entries themselves are in the maps."""
+    if isinstance(obj, dict):
+        return {k: _shorten_lists(v, limit) for k, v in obj.items()}
+    if isinstance(obj, list) and len(obj) > limit:
+        return {"count": len(obj), "first": obj[:8]}
+    return obj
+
+
 class Maps:
     """The instance's pinned maps, opened from userspace."""
 
@@ -255,7 +265,7 @@ class Maps:
         self.active.update(ct.c_uint32(0), ct.c_uint32(gen))
 
     def write_meta(self, p):
-        raw = json.dumps(p, separators=(",", ":")).encode()
+        raw = json.dumps(_shorten_lists(p), separators=(",", ":")).encode()
         if len(raw) > abi.TP_META_SIZE:
             raise InstallError(f"the instance description is {len(raw)} bytes, over "
                                f"{abi.TP_META_SIZE}; shorten the exclusion lists (use CIDRs "

@@ -25,6 +25,12 @@ def local_networks():
                 dst = r.get_attr("RTA_DST")
                 if dst:
                     nets.add(str(ipaddress.ip_network(f"{dst}/{r['dst_len']}", strict=False)))
+        # Every address of the namespace too: an IPv6 address's local route appears only
+        # when its (asynchronous) DAD work has run, even on lo, a moment after it is added.
+        for a in ipr.get_addr():
+            ip = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
+            if ip:
+                nets.add(str(ipaddress.ip_network(ip)))
     # lo may be down in a fresh netns; these are local by definition all the same.
     nets.update({"127.0.0.0/8", "::1/128"})
     return sorted(nets, key=lambda n: (ipaddress.ip_network(n).version, n))

@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 say() { printf 'setup: %s\n' "$*"; }
 
 PKGS=(python3-bpfcc python3-venv bpftool libbpf1 iptables iproute2 util-linux haproxy curl bind9-dnsutils)
+# make bench also needs a load generator, an HTTP server and a chart library.
+if [ "${1:-}" = "bench" ]; then
+  PKGS+=(wrk nginx-light)
+fi
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -60,6 +64,10 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; 
   say "creating .venv (system site packages, for bcc)"
   rm -rf .venv
   /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+if [ "${1:-}" = "bench" ] && ! .venv/bin/python -c 'import matplotlib' 2>/dev/null; then
+  say "installing matplotlib into .venv (bench chart)"
+  .venv/bin/pip install -q --disable-pip-version-check 'matplotlib>=3.6'
 fi
 stamp=.venv/.installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
