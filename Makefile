@@ -26,6 +26,7 @@ differential: setup
 bench: setup
 	@bash scripts/setup.sh bench
 	$(PY) bench/run.py
+	$(PY) bench/state_scaling.py
 
 clean:
 	rm -rf .venv *.egg-info .pytest_cache
