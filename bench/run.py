@@ -155,6 +155,9 @@ def check_captured(mode, before, after, requests, close):
 def measure(lab, modes, mode, seconds, n_rules=0, workloads=("conn", "latency", "bulk")):
     url = "http://127.0.0.1:15002" if mode == "none" else f"http://{REMOTE_IP4}:8080"
     counter = {"iptables": modes.iptables_captured, "ebpf": modes.ebpf_captured}.get(mode)
+    # One uncounted second first: a mode just switched on (programs loaded, rules
+    # restored, caches cold) is not what a running pod sees.
+    wrk(lab, url + "/", 1, close=True)
     out = {}
     for w in workloads:
         before = counter() if counter else 0

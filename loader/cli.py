@@ -266,19 +266,22 @@ def check(ebpf_cgroup_path, ebpf_bpffs_path, output):
 @main.command()
 @with_options(KUMA_OPTIONS)
 def install(**kw):
-    """Capture the cgroup's outbound TCP connections for the proxy (or update in place).
+    """Capture the cgroup's traffic for the proxy (or update in place).
 
     Outbound TCP connections of processes in --ebpf-cgroup-path land on the proxy's
-    outbound port exactly as Kuma's iptables rules would send them, and the proxy's
-    getsockopt(SO_ORIGINAL_DST) returns the original destination. Running install again
-    with another configuration updates the instance in place without a gap.
+    outbound port, TCP connections from other hosts on its inbound port, and (with
+    --redirect-dns) DNS queries on the DNS port, exactly as Kuma's iptables rules would
+    send them; the proxy's getsockopt(SO_ORIGINAL_DST) returns the original destination.
+    Running install again with another configuration updates it in place without a gap.
 
     \b
     Example:
       ebpf-tproxy install --kuma-dp-user kuma-dp \\
           --ebpf-cgroup-path /sys/fs/cgroup/unified/app \\
           --exclude-outbound-ports 22 --exclude-outbound-ips 10.0.0.0/8
-      ebpf-tproxy install --config tproxy.yaml --dry-run
+      ebpf-tproxy install --config tproxy.yaml --dry-run --explain
+      nsenter --net=/run/netns/pod1 ebpf-tproxy install --redirect-dns \
+          --ebpf-cgroup-path /sys/fs/cgroup/unified/pod1 --name pod1
     """
     try:
         settings, warnings = config.load(kw["config_files"], flags=flags_from(kw),
