@@ -32,7 +32,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from loader import config, iptables_oracle  # noqa: E402
-from loader.lab import APP_IP4, REMOTE_IP4, Lab  # noqa: E402
+from loader.lab import REMOTE_IP4, Lab  # noqa: E402
 
 DP = "nobody"
 NGINX = """

@@ -10,7 +10,6 @@ and hide the cgroup2 mount), through nsenter, which keeps the mounts. Everything
 made is removed by close(), also after a failure: processes killed, cgroup removed,
 namespaces deleted, bpffs unmounted.
 """
-import ipaddress
 import os
 import pwd
 import shutil
@@ -232,8 +231,3 @@ class Lab:
         except OSError:
             pass
 
-
-def is_lab_address(addr):
-    ip = ipaddress.ip_address(addr)
-    return ip in ipaddress.ip_network("198.18.0.0/15") or \
-        ip in ipaddress.ip_network("fd00:7470::/64") or ip.is_loopback
