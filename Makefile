@@ -1,7 +1,7 @@
 # ebpf-tproxy. Run as root on Debian/Ubuntu: `make demo`, `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-unit test-kernel differential bench clean
+.PHONY: setup demo test test-unit test-kernel test-accelerate differential bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -17,6 +17,10 @@ test-unit: setup
 
 test-kernel: setup
 	$(PY) -m pytest -ra tests/kernel
+
+# The kernel suite again with --ebpf-accelerate on for every install (Kuma-style env var).
+test-accelerate: setup
+	KUMA_TRANSPARENT_PROXY_EBPF_ACCELERATE=true $(PY) -m pytest -ra tests/kernel
 
 # Every combination of a few Kuma settings, iptables vs eBPF (make test runs one at a time).
 differential: setup

@@ -17,10 +17,13 @@
  * full, the proxy runs outside the cgroup subtree), the application's close alone frees
  * the entry: no end is left that could ask, and nothing leaks.
  *
+ * --ebpf-accelerate: both ends of a tracked connection join tp_accel here (tproxy_accel.h).
+ *
  * Inbound: BPF_SOCK_OPS_TCP_LISTEN_CB registers the proxy's listener on the inbound port
  * in tp_listeners for sk_lookup, so a restarted proxy is picked up at its listen(), with
  * no reinstall. Accepted inbound sockets are marked in tp_sk_inbound for getsockopt.
  */
+#include "tproxy_accel.h"
 #include "tproxy_conn.h"
 #include "tproxy_inbound.h"
 
@@ -53,6 +56,21 @@ static __always_inline int tp_sockops_in_netns(struct bpf_sock_ops *skops,
 	return !cfg->netns_cookie || bpf_get_netns_cookie(skops) == cfg->netns_cookie;
 #else
 	return 1;
+#endif
+}
+
+/* Acceleration joins sockets by address alone, so it needs the network namespace check:
+ * the loader refuses --ebpf-accelerate on kernels built without it. */
+static __always_inline void tp_accel_join_checked(struct bpf_sock_ops *skops,
+						  struct bpf_sock *sk)
+{
+#ifdef TP_SOCKOPS_NETNS_COOKIE
+	struct tp_config *cfg;
+	u8 gen;
+
+	cfg = tp_active_config(&gen);
+	if (cfg && tp_sockops_in_netns(skops, cfg))
+		tp_accel_join(skops, sk, cfg);
 #endif
 }
 
@@ -126,6 +144,7 @@ int sock_ops(struct bpf_sock_ops *skops)
 		}
 		tp_count(TP_R_CONN_TRACKED);
 		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+		tp_accel_join_checked(skops, sk);
 		break;
 	}
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: {
@@ -136,6 +155,7 @@ int sock_ops(struct bpf_sock_ops *skops)
 		if (c) {
 			c->proxy_seen = 1;
 			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+			tp_accel_join_checked(skops, sk);
 		} else {
 			tp_mark_inbound(skops, sk, &k);
 		}

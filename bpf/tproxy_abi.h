@@ -32,6 +32,7 @@
 #define TP_F_IN_INCLUDE 0x10     /* redirect.inbound.includePorts is set */
 #define TP_F_DNS 0x20            /* redirect.dns.enabled: UDP 53 to resolv.conf's servers */
 #define TP_F_DNS_ALL 0x40        /* redirect.dns.captureAll: all UDP 53 */
+#define TP_F_ACCELERATE 0x80     /* --ebpf-accelerate: application <-> proxy bytes via tp_accel */
 
 /* Kinds of entries in tp_ports and tp_cidrs. */
 #define TP_PORT_EXCLUDE_OUT 1    /* --exclude-outbound-ports */
@@ -46,6 +47,21 @@
 /* Keys of tp_listeners: the proxy's listening sockets on the inbound port. */
 #define TP_LISTENER_V4 0         /* AF_INET listener (0.0.0.0 or an address) */
 #define TP_LISTENER_V6 1         /* AF_INET6 listener; serves IPv4 too unless V6ONLY */
+
+/* Acceleration (--ebpf-accelerate). Sockets in tp_accel at most: two per connection, so
+ * 32,768 accelerated connections at once; beyond that a connection simply stays on TCP. */
+#define TP_ACCEL_MAX 65536
+/* tp_sk_accel: a socket's acceleration state, fixed for its lifetime once it leaves ON. */
+#define TP_ACCEL_ON 1            /* in tp_accel: sendmsg goes straight to the peer socket */
+#define TP_ACCEL_TCP 2           /* once through TCP, always through TCP (byte order) */
+
+/* Acceleration counters (tp_accel_counters): a map of their own, so that tp_counters and
+ * the pinned maps of ABI 2 keep their layout. */
+#define TP_A_SOCK_ADDED 0        /* a socket (application or proxy end) joined tp_accel */
+#define TP_A_SOCK_FAILED 1       /* tp_accel full or storage refused: that end stays on TCP */
+#define TP_A_MSG_REDIRECTED 2    /* a sendmsg went socket to socket */
+#define TP_A_MSG_TCP 3           /* the peer socket was not there: TCP from then on */
+#define TP_A_COUNT 4
 
 /* tp_uid_rule.protos */
 #define TP_PROTO_TCP 0x1
@@ -147,6 +163,15 @@ struct tp_conn_key {
 	__u8 proxy_addr[16];
 	__u16 app_port;
 	__u16 proxy_port;
+};
+
+/* One socket as it sees its connection: the key of tp_accel. The peer socket's key is the
+ * same four values swapped (both ends live in the same network namespace, no NAT). */
+struct tp_sock_key {
+	__u8 local_addr[16];
+	__u8 remote_addr[16];
+	__u16 local_port;
+	__u16 remote_port;
 };
 
 struct tp_conn {

@@ -55,6 +55,27 @@ struct tp_listeners_table_t {
 __attribute__((section("maps/sockmap:" TP_PIN(tp_listeners))))
 struct tp_listeners_table_t tp_listeners = { .max_entries = 2 };
 
+/* --ebpf-accelerate: the application's redirected sockets and the proxy's sockets for them,
+ * keyed by how each sees its connection (struct tp_sock_key), for sk_msg_accel. Same
+ * reason as tp_listeners for declaring it here: BCC's BPF_SOCKHASH cannot be pinned. The
+ * kernel removes a socket by itself when it closes. */
+struct tp_accel_table_t {
+	struct tp_sock_key key;
+	u64 leaf;
+	int (*delete)(struct tp_sock_key *);
+	int (*sock_hash_update)(void *, void *, u64);
+	int (*msg_redirect_hash)(void *, void *, u64);
+	u32 max_entries;
+	int flags;
+};
+__attribute__((section("maps/sockhash:" TP_PIN(tp_accel))))
+struct tp_accel_table_t tp_accel = { .max_entries = TP_ACCEL_MAX };
+/* Each accelerated socket's state (TP_ACCEL_ON or TP_ACCEL_TCP), freed with the socket. */
+BPF_TABLE_PINNED("sk_storage", int, u32, tp_sk_accel, 0, TP_PIN(tp_sk_accel),
+		 BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("percpu_array", u32, u64, tp_accel_counters, TP_A_COUNT,
+		 TP_PIN(tp_accel_counters));
+
 BPF_TABLE_PINNED("percpu_array", u32, u64, tp_counters, TP_R_COUNT, TP_PIN(tp_counters));
 BPF_TABLE_PINNED("array", u32, struct tp_meta, tp_meta, 1, TP_PIN(tp_meta));
 

@@ -20,6 +20,11 @@ TP_F_INBOUND = 0x8
 TP_F_IN_INCLUDE = 0x10
 TP_F_DNS = 0x20
 TP_F_DNS_ALL = 0x40
+TP_F_ACCELERATE = 0x80
+
+TP_ACCEL_MAX = 65536
+TP_ACCEL_ON = 1
+TP_ACCEL_TCP = 2
 
 TP_PORT_EXCLUDE_OUT = 1
 TP_PORT_INCLUDE_OUT = 2
@@ -76,6 +81,15 @@ REASONS = [
 ]
 TP_R_COUNT = len(REASONS)
 REASON_INDEX = {name: i for i, (_, name) in enumerate(REASONS)}
+
+# Acceleration counter index -> name shown by `status` (TP_A_* numbering).
+ACCEL_COUNTERS = [
+    ("TP_A_SOCK_ADDED", "accel_sockets_added"),
+    ("TP_A_SOCK_FAILED", "accel_sockets_failed"),
+    ("TP_A_MSG_REDIRECTED", "accel_msgs_redirected"),
+    ("TP_A_MSG_TCP", "accel_msgs_via_tcp"),
+]
+TP_A_COUNT = len(ACCEL_COUNTERS)
 
 TP_META_SIZE = 65532
 
@@ -139,6 +153,15 @@ class TpConnKey(ct.Structure):
     ]
 
 
+class TpSockKey(ct.Structure):
+    _fields_ = [
+        ("local_addr", ct.c_uint8 * 16),
+        ("remote_addr", ct.c_uint8 * 16),
+        ("local_port", ct.c_uint16),
+        ("remote_port", ct.c_uint16),
+    ]
+
+
 class TpConn(ct.Structure):
     _fields_ = [("orig", TpOrigDst), ("closed", ct.c_uint32), ("proxy_seen", ct.c_uint32)]
 
@@ -157,6 +180,7 @@ STRUCTS = {
     "tp_orig_dst": TpOrigDst,
     "tp_conn_key": TpConnKey,
     "tp_conn": TpConn,
+    "tp_sock_key": TpSockKey,
     "tp_meta": TpMeta,
 }
 

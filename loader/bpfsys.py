@@ -14,6 +14,7 @@ import socket
 
 # enum bpf_attach_type (uapi/linux/bpf.h)
 CGROUP_SOCK_OPS = 3
+SK_MSG_VERDICT = 7
 CGROUP_INET4_CONNECT = 10
 CGROUP_INET6_CONNECT = 11
 CGROUP_UDP4_SENDMSG = 14
@@ -27,6 +28,7 @@ SK_LOOKUP = 36
 
 # enum bpf_prog_type
 PROG_SOCK_OPS = 13
+PROG_SK_MSG = 16
 PROG_CGROUP_SOCK_ADDR = 18
 PROG_CGROUP_SOCKOPT = 25
 PROG_SK_LOOKUP = 30
@@ -59,6 +61,7 @@ def libbpf():
         lib.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
         lib.bpf_obj_get.argtypes = [ct.c_char_p]
         lib.bpf_link_detach.argtypes = [ct.c_int]
+        lib.bpf_prog_attach.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_uint]
         lib.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
         lib.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
         lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
@@ -80,6 +83,14 @@ def _check(ret, what):
 def link_create(prog_fd, target_fd, attach_type):
     return _check(libbpf().bpf_link_create(prog_fd, target_fd, attach_type, None),
                   f"bpf_link_create(attach type {attach_type})")
+
+
+def prog_attach(prog_fd, target_fd, attach_type):
+    """Legacy BPF_PROG_ATTACH, for programs attached to a sockmap/sockhash (no links for
+    those before 6.10). Attaching again replaces the map's program for sockets added from
+    then on; the attachment lasts as long as the map."""
+    _check(libbpf().bpf_prog_attach(prog_fd, target_fd, attach_type, 0),
+           f"bpf_prog_attach(attach type {attach_type})")
 
 
 def link_update(link_fd, new_prog_fd):

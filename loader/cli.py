@@ -100,6 +100,8 @@ KUMA_OPTIONS = [
                  "source (default: from netlink)."),
     click.option("--ebpf-tc-attach-iface", help="(not used: no tc program)"),
     click.option("--ebpf-programs-source-path", help="(not used: programs are built in)"),
+    bool_option("--ebpf-accelerate", "Move bytes between captured applications and the "
+                "local proxy socket to socket (sockmap), skipping TCP/IP; opt-in, needs 5.15."),
     click.option("--vnet", multiple=True, help="(refused: not implemented)"),
     # iptables-only switches: accepted so Kuma invocations keep working; each prints what
     # it means here.
@@ -145,6 +147,7 @@ FLAG_PATHS = {
     "ebpf_instance_ip": "ebpf.instanceIP",
     "ebpf_tc_attach_iface": "ebpf.tcAttachIface",
     "ebpf_programs_source_path": "ebpf.programsSourcePath",
+    "ebpf_accelerate": "ebpf.accelerate",
     "vnet": "redirect.vnet.networks",
     "store_firewalld": "storeFirewalld",
     "redirect_inbound_insert_instead_of_append": "redirect.inbound.insertRedirectInsteadOfAppend",

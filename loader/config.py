@@ -69,6 +69,8 @@ SCHEMA = {
         "cgroupPath": ("", "str"),
         "tcAttachIface": ("", "str"),
         "programsSourcePath": ("", "str"),
+        # ebpf-tproxy's own (not in Kuma): sockmap acceleration, opt-in
+        "accelerate": (False, "bool"),
     },
     "retry": {
         "maxRetries": (4, "int"),
@@ -440,6 +442,7 @@ FLAG_FOR = {
     "ebpf.cgroupPath": "--ebpf-cgroup-path",
     "ebpf.tcAttachIface": "--ebpf-tc-attach-iface",
     "ebpf.programsSourcePath": "--ebpf-programs-source-path",
+    "ebpf.accelerate": "--ebpf-accelerate",
     "dryRun": "--dry-run",
     "verbose": "--verbose",
     "storeFirewalld": "--store-firewalld",
@@ -487,6 +490,7 @@ class Settings:
     cgroup_path: str
     bpffs_path: str
     dry_run: bool
+    accelerate: bool
     verbose: bool
 
     def kuma_view(self):
@@ -515,7 +519,8 @@ class Settings:
                 "resolvConfigPath": self.resolv_conf,
             }},
             "ebpf": {"instanceIP": ",".join(x for x in (self.instance_ip4, self.instance_ip6) if x),
-                     "bpffsPath": self.bpffs_path, "cgroupPath": self.cgroup_path},
+                     "bpffsPath": self.bpffs_path, "cgroupPath": self.cgroup_path,
+                     "accelerate": self.accelerate},
         }
 
 
@@ -626,6 +631,7 @@ def settings_from(values, name="default", environ=None):
         instance_ip6=ip6,
         cgroup_path=values["ebpf.cgroupPath"],
         bpffs_path=values["ebpf.bpffsPath"],
+        accelerate=values["ebpf.accelerate"],
         dry_run=values["dryRun"],
         verbose=values["verbose"],
     )

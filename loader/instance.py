@@ -133,10 +133,17 @@ def plan(settings: Settings, local_nets, instance_ips, cgroup_path, netns_cookie
         "dp_uid": settings.dp_uid,
         "config": settings.kuma_view(),
         "programs": [{"name": p.name, "hook": p.hook,
-                      "attach": cgroup_path if p.target == "cgroup" else
-                      f"network namespace (inode {netns_inode()})"}
+                      "attach": _target_description(p, cgroup_path)}
                      for p in programs.PROGRAMS],
     }
+
+
+def _target_description(prog, cgroup_path):
+    if prog.target == "cgroup":
+        return cgroup_path
+    if prog.target == "netns":
+        return f"network namespace (inode {netns_inode()})"
+    return f"map {prog.target.split(':', 1)[1]}"
 
 
 def map_contents(settings, p):
@@ -166,12 +173,13 @@ def _flags(settings):
             ("inbound", settings.inbound_enabled),
             ("inbound_include_ports", bool(settings.inbound_include_ports)),
             ("dns", settings.dns_enabled and not settings.dns_capture_all),
-            ("dns_capture_all", settings.dns_capture_all))
+            ("dns_capture_all", settings.dns_capture_all),
+            ("accelerate", settings.accelerate))
 
 
 def _config_struct(settings, p):
     bits = (abi.TP_F_OUTBOUND, abi.TP_F_IPV6, abi.TP_F_OUT_INCLUDE, abi.TP_F_INBOUND,
-            abi.TP_F_IN_INCLUDE, abi.TP_F_DNS, abi.TP_F_DNS_ALL)
+            abi.TP_F_IN_INCLUDE, abi.TP_F_DNS, abi.TP_F_DNS_ALL, abi.TP_F_ACCELERATE)
     flags = sum(bit for bit, (_, on) in zip(bits, _flags(settings)) if on)
     cfg = abi.TpConfig(flags=flags, dp_uid=kernel.kernel_uid(settings.dp_uid),
                        outbound_port=settings.outbound_port,
@@ -210,11 +218,16 @@ class Maps:
         self.conns = bpfsys.PinnedMap(paths.map("tp_conns"), abi.TpConnKey, abi.TpConn,
                                       max_entries=abi.TP_CONN_MAX)
         self.counters = m("tp_counters", ct.c_uint32, ct.c_uint64, percpu=True)
+        try:
+            self.accel_counters = m("tp_accel_counters", ct.c_uint32, ct.c_uint64, percpu=True)
+        except OSError:
+            self.accel_counters = None   # installed by a version without acceleration
         self.meta = m("tp_meta", ct.c_uint32, abi.TpMeta)
 
     def close(self):
         for v in vars(self).values():
-            v.close()
+            if v is not None:
+                v.close()
 
     def active_gen(self):
         return self.active.lookup(ct.c_uint32(0)).value & 1
@@ -280,9 +293,11 @@ class Maps:
 
     def counters_total(self):
         out = {}
-        for i, (_, name) in enumerate(abi.REASONS):
-            vals = self.counters.lookup(ct.c_uint32(i))
-            out[name] = sum(v for v in vals) if vals is not None else 0
+        for cmap, names in ((self.counters, abi.REASONS),
+                            (self.accel_counters, abi.ACCEL_COUNTERS)):
+            for i, (_, name) in enumerate(names):
+                vals = cmap.lookup(ct.c_uint32(i)) if cmap is not None else None
+                out[name] = sum(v for v in vals) if vals is not None else 0
         return out
 
 
@@ -344,6 +359,10 @@ def _install_locked(settings, cgroup_path, paths, p, progress):
                            "; run 'make setup' and 'ebpf-tproxy check'") from None
     _log(progress, "compiling the BPF programs (BCC)"
          + (f" with {', '.join(features)}" if features else ""))
+    if settings.accelerate and "TP_SOCKOPS_NETNS_COOKIE" not in features:
+        raise InstallError("--ebpf-accelerate: this kernel has no bpf_get_netns_cookie() in "
+                           "sock_ops (5.15), which keeps sockets of different network "
+                           "namespaces apart; install without --ebpf-accelerate")
     try:
         bpf = programs.compile_programs(paths.maps, features)
     except Exception as e:   # BCC raises a bare Exception; its compiler output is on stderr
@@ -352,13 +371,15 @@ def _install_locked(settings, cgroup_path, paths, p, progress):
                            "'ebpf-tproxy check'") from None
     maps = Maps(paths)
     targets = {"cgroup": os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY),
-               "netns": os.open("/proc/self/ns/net", os.O_RDONLY)}
+               "netns": os.open("/proc/self/ns/net", os.O_RDONLY),
+               "map:tp_accel": bpfsys.obj_get(paths.map("tp_accel"))}
     # a cgroup2 directory's inode is its id; a netns is named by its inode
     target_ids = {"cgroup": os.stat(cgroup_path).st_ino, "netns": p["netns_inode"]}
     try:
         loaded = []
         for prog in programs.PROGRAMS:
-            needed = prog.required or (prog.target == "netns" and settings.inbound_enabled)
+            needed = (prog.required or (prog.target == "netns" and settings.inbound_enabled)
+                      or (prog.target == "map:tp_accel" and settings.accelerate))
             try:
                 loaded.append((prog, programs.load(bpf, prog)))
             except Exception as e:
@@ -376,6 +397,12 @@ def _install_locked(settings, cgroup_path, paths, p, progress):
         swapped = []   # (pin, fd of the program it ran before): an upgrade's rollback
         try:
             for prog, fd in loaded:
+                if prog.target.startswith("map:"):
+                    # Replaces the map's previous program; it only runs for sockets that
+                    # sock_ops adds, which it does only with TP_F_ACCELERATE set.
+                    bpfsys.prog_attach(fd, targets[prog.target], prog.attach_type)
+                    _log(progress, f"attached {prog.hook} to {prog.target[4:]}")
+                    continue
                 _attach(prog, fd, paths.link(prog.name), targets[prog.target],
                         target_ids[prog.target], swapped, progress)
                 _test_pause("after-link")
@@ -564,6 +591,15 @@ def uninstall(bpffs, name):
 
 # ------------------------------------------------------------------------- status
 
+def _count_keys(pin, key_type):
+    """Entries in a pinned map (0 if it is not there: an instance from before it existed)."""
+    try:
+        with bpfsys.PinnedMap(pin, key_type, ct.c_uint64, max_entries=abi.TP_ACCEL_MAX) as m:
+            return len(m.keys())
+    except OSError:
+        return 0
+
+
 def list_instances(bpffs):
     root = os.path.join(bpffs, ROOT_DIR)
     if not kernel.is_bpffs(bpffs) or not os.path.isdir(root):
@@ -597,6 +633,7 @@ def status(bpffs, name=None):
             entry["meta"] = maps.read_meta()
             entry["counters"] = maps.counters_total()
             entry["tracked_connections"] = len(maps.conns.keys())
+            entry["accelerated_sockets"] = _count_keys(paths.map("tp_accel"), abi.TpSockKey)
             entry["active_generation"] = maps.active_gen()
         finally:
             maps.close()
@@ -617,13 +654,13 @@ def status(bpffs, name=None):
         want = {"cgroup": os.stat(cg).st_ino if cg and os.path.isdir(cg) else None,
                 "netns": meta.get("netns_inode")}
         kinds = {pr["name"]: pr.get("target", "cgroup") for pr in meta.get("programs", [])}
+        linked = {n for n, k in kinds.items() if not k.startswith("map:")}
         for ln, info in entry["links"].items():
             kind = kinds.get(ln, "cgroup")
             if info.get("target_id") != want[kind]:
                 entry["problems"].append(f"link {ln} is detached (its {kind} is gone); run "
                                          "install again")
-        expected = {p["name"] for p in (entry["meta"] or {}).get("programs", [])}
-        for missing in sorted(expected - set(entry["links"])):
+        for missing in sorted(linked - set(entry["links"])):
             entry["problems"].append(f"link {missing} missing; run install again")
         out.append(entry)
     return out

@@ -119,15 +119,16 @@ def cmd_listen(args):
 
 
 def _pipe(a, b):
+    """Copy a -> b. An EOF from a is passed on as a half-close (the other direction goes
+    on, as Envoy and HAProxy do); an error ends both directions."""
     try:
         while True:
             data = a.recv(65536)
             if not data:
-                break
+                b.shutdown(socket.SHUT_WR)
+                return
             b.sendall(data)
     except OSError:
-        pass
-    finally:
         for s in (a, b):
             try:
                 s.shutdown(socket.SHUT_RDWR)
@@ -208,6 +209,57 @@ def cmd_echo(args):
     while True:
         conn, _ = srv.accept()
         threading.Thread(target=_pipe, args=(conn, conn), daemon=True).start()
+
+
+def _transfer_one(host, port, total, chunk, seed):
+    """Send total bytes (a pattern fixed by seed) in chunks of up to chunk bytes, half-close,
+    and read the echo to EOF while sending. Returns (bytes back, they match?)."""
+    import hashlib
+    import random
+    rng = random.Random(seed)
+    data = rng.randbytes(total)
+    s = socket.create_connection((host, port), timeout=30)
+    got = []
+
+    def reader():
+        while True:
+            b = s.recv(1 << 16)
+            if not b:
+                break
+            got.append(b)
+    t = threading.Thread(target=reader)
+    t.start()
+    off = 0
+    while off < total:
+        n = rng.randint(1, chunk)     # odd sizes: message boundaries must not matter
+        s.sendall(data[off:off + n])
+        off += n
+    s.shutdown(socket.SHUT_WR)
+    t.join()
+    s.close()
+    back = b"".join(got)
+    return len(back), hashlib.sha256(back).digest() == hashlib.sha256(data).digest()
+
+
+def cmd_transfer(args):
+    """Echo round trips through whatever captures the connection: every byte must come
+    back in order. Prints {"connections", "bytes_back", "all_exact"}."""
+    results = [None] * args.parallel
+
+    def one(i):
+        try:
+            results[i] = _transfer_one(args.host, args.port, args.bytes, args.chunk, i)
+        except OSError as e:
+            results[i] = (0, False, str(e))
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(args.parallel)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps({"connections": len(results),
+                      "bytes_back": sum(r[0] for r in results),
+                      "all_exact": all(r[1] for r in results),
+                      "errors": [r[2] for r in results if len(r) > 2]}))
 
 
 def cmd_hold(args):
@@ -358,6 +410,12 @@ def main(argv=None):
                    help="close right after connect(), before the peer could accept")
     p = sub.add_parser("echo")
     p.add_argument("port", type=int)
+    p = sub.add_parser("transfer")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--bytes", type=int, default=1 << 20)
+    p.add_argument("--chunk", type=int, default=65536, help="largest write")
+    p.add_argument("--parallel", type=int, default=1)
     p = sub.add_parser("hold")
     p.add_argument("host")
     p.add_argument("port", type=int)
@@ -378,7 +436,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     {"listen": cmd_listen, "proxy": cmd_proxy, "connect": cmd_connect,
      "validator": cmd_validator, "http": cmd_http, "echo": cmd_echo,
-     "hold": cmd_hold, "dns": cmd_dns, "query": cmd_query, "probe": cmd_probe}[args.cmd](args)
+     "hold": cmd_hold, "transfer": cmd_transfer, "dns": cmd_dns, "query": cmd_query, "probe": cmd_probe}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,15 @@ int probe_sk_lookup(struct bpf_sk_lookup *ctx)
 {
 	return SK_PASS;
 }
+BPF_SOCKHASH(probe_hash, u32, 1);
+int probe_sk_msg(struct sk_msg_md *msg)
+{
+	struct bpf_sock *sk = msg->sk;
+	u32 key = 0;
+	if (!sk || !probe_sks.sk_storage_get(sk, 0, 0))
+		return SK_PASS;
+	return probe_hash.msg_redirect_hash(msg, &key, BPF_F_INGRESS);
+}
 int probe_getsockopt(struct bpf_sockopt *ctx)
 {
 	ctx->optlen = 0;
@@ -76,6 +85,9 @@ PROBES = (
      bpfsys.PROG_SK_LOOKUP, bpfsys.SK_LOOKUP, ("sk_lookup_inbound",)),
     ("sock_ops netns cookie", "probe_sock_ops_netns",
      bpfsys.PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS, ()),
+    # attached to a map, so loaded without an expected attach type (-1)
+    ("sockhash/sk_msg + sk_storage", "probe_sk_msg", bpfsys.PROG_SK_MSG, -1,
+     ("sk_msg_accel",)),
 )
 
 # Probed features that change how the programs are built: probe name -> -D macro.

@@ -12,7 +12,7 @@ from . import bpfsys
 
 BPF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf")
 PROGRAM_FILES = ("connect.c", "udp.c", "sock_ops.c", "getsockopt.c", "getpeername.c",
-                 "sk_lookup.c")
+                 "sk_lookup.c", "sk_msg.c")
 _INCLUDE = re.compile(r'^\s*#include "([^"]+)"\s*$')
 
 
@@ -24,7 +24,7 @@ class Program:
     hook: str           # what `status` and `check` call it
     required: bool      # False: missing on this kernel -> documented fallback
     missing_means: str  # what the user loses without it
-    target: str = "cgroup"   # attached to the cgroup, or to the network namespace
+    target: str = "cgroup"   # attached to the cgroup, the network namespace, or a map
 
 
 PROGRAMS = (
@@ -53,6 +53,10 @@ PROGRAMS = (
     Program("sk_lookup_inbound", bpfsys.PROG_SK_LOOKUP, bpfsys.SK_LOOKUP, "netns/sk_lookup",
             False, "no inbound capture (needs 5.9): install with --redirect-inbound=false",
             target="netns"),
+    # Attached to the tp_accel map itself (no link: the attachment lives with the map).
+    Program("sk_msg_accel", bpfsys.PROG_SK_MSG, bpfsys.SK_MSG_VERDICT, "sockhash/sk_msg",
+            False, "--ebpf-accelerate is unavailable (needs sk_msg with sk_storage, 5.15 "
+            "with the sock_ops netns check)", target="map:tp_accel"),
 )
 
 
@@ -85,4 +89,6 @@ def compile_programs(pin_dir, features=()):
 
 def load(bpf, prog):
     """Load one program through the verifier; returns its fd (owned by bpf)."""
-    return bpf.load_func(prog.name.encode(), prog.prog_type, attach_type=prog.attach_type).fd
+    # Programs attached to a map are loaded without an expected attach type.
+    expected = -1 if prog.target.startswith("map:") else prog.attach_type
+    return bpf.load_func(prog.name.encode(), prog.prog_type, attach_type=expected).fd

@@ -19,12 +19,13 @@ def header_defines():
 def test_every_constant_matches():
     defs = header_defines()
     reasons = {name: i for i, (name, _) in enumerate(abi.REASONS)}
+    reasons.update({name: i for i, (name, _) in enumerate(abi.ACCEL_COUNTERS)})
     assert defs, "no #defines parsed from the header"
     for name, value in defs.items():
-        if name.startswith("TP_R_") and name != "TP_R_COUNT":
+        if name in ("TP_R_COUNT", "TP_A_COUNT"):
+            assert getattr(abi, name) == value, name
+        elif name.startswith(("TP_R_", "TP_A_")):
             assert reasons.get(name) == value, name
-        elif name == "TP_R_COUNT":
-            assert abi.TP_R_COUNT == value
         else:
             assert getattr(abi, name) == value, name
 
@@ -32,6 +33,8 @@ def test_every_constant_matches():
 def test_every_reason_is_in_the_header():
     defs = header_defines()
     for i, (name, _) in enumerate(abi.REASONS):
+        assert defs.get(name) == i, name
+    for i, (name, _) in enumerate(abi.ACCEL_COUNTERS):
         assert defs.get(name) == i, name
 
 

@@ -28,7 +28,8 @@ EVERY_KEY = {
     },
     "ebpf": {"enabled": True, "instanceIP": "", "instanceIPEnvVarName": "",
              "bpffsPath": "/sys/fs/bpf", "cgroupPath": "", "tcAttachIface": "eth0",
-             "programsSourcePath": "/tmp/kuma-ebpf"},
+             "programsSourcePath": "/tmp/kuma-ebpf",
+             "accelerate": True},   # ebpf-tproxy's own key (docs/kuma-compatibility.md)
     "retry": {"maxRetries": 5, "sleepBetweenRetries": "3s"},
     "iptablesExecutables": {"iptables": "/usr/sbin/iptables"},
     "log": {"enabled": True, "level": 6},
@@ -61,7 +62,7 @@ def check(s):
     assert s.outbound_exclude_ports == (1, 2)
     assert s.outbound_exclude_ips == ("10.1.0.1/32", "fd00::/8")
     assert [r.describe() for r in s.uid_rules] == ["tcp:53:106-108"]
-    assert s.dns_enabled and not s.dns_capture_all and s.verbose
+    assert s.dns_enabled and not s.dns_capture_all and s.verbose and s.accelerate
 
 
 def test_every_key_from_a_file_yaml_and_json(tmp_path):
