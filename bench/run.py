@@ -7,17 +7,19 @@ every mode to the same nginx on the lab's remote host; wrk (Debian's) is the cli
   (a) none      the client addresses the proxy explicitly (127.0.0.1:15002): the ceiling
   (b) iptables  Kuma's rules (loader.iptables_oracle) REDIRECT to 15001
   (c) ebpf      ebpf-tproxy installed, connect() redirected to 15001
+  (d) ebpf-accel the same with --ebpf-accelerate: wrk <-> HAProxy bytes socket to socket
+                (the HAProxy <-> nginx leg crosses the lab's veth, as it would leave a pod)
 Workloads: new connections (Connection: close), request/response latency on persistent
 connections (p50, p99), bulk throughput (an 8 MiB file); rule scaling: new-connection rate
 with 10, 1,000 and 10,000 excluded CIDRs and ports for (b) and (c).
 Reported: medians of --reps repetitions with min and max, and ratios to (a), in
 bench/results/<date>.json, bench/results/summary.md and bench/results/chart.png.
-A mode that did not capture (its redirect counter did not grow by the requests made)
-stops the run: no number is reported for traffic that bypassed the capture.
+A mode that did not capture (its redirect counter did not grow by the requests made), or
+(d) without accelerated messages, stops the run: no number is reported for traffic that
+bypassed what it claims to measure.
 
 Overhead: runs ~5 minutes on 2 cores; loopback and veth only, lab addresses only.
-Not measured yet: 100,000 concurrent captured connections (state scaling) and the sockmap
-acceleration mode (d) of issue 5.
+State scaling (100,000 concurrent captured connections) is bench/state_scaling.py.
 """
 import argparse
 import datetime
@@ -35,6 +37,7 @@ from loader import config, iptables_oracle  # noqa: E402
 from loader.lab import REMOTE_IP4, Lab  # noqa: E402
 
 DP = "nobody"
+MODES = ("none", "iptables", "ebpf", "ebpf-accel")   # (a) (b) (c) (d)
 NGINX = """
 worker_processes 1;
 pid {dir}/nginx.pid;
@@ -124,14 +127,22 @@ class Modes:
                  "-L", "KUMA_MESH_OUTBOUND_REDIRECT", "-v", "-x", "-n").stdout
         return sum(int(line.split()[0]) for line in out.splitlines()[2:] if line.strip())
 
-    def ebpf(self, n_rules=0):
+    def ebpf_accel(self):
+        self.ebpf(accelerate=True)
+
+    def ebpf_accelerated(self):
+        st = json.loads(self.lab.tproxy("status", "--output", "json").stdout)
+        return st[0]["counters"]["accel_msgs_redirected"] if st else 0
+
+    def ebpf(self, n_rules=0, accelerate=False):
         s = self.settings(n_rules)
         cfg = {"redirect": {"outbound": {
             "excludePortsForIPs": list(s.outbound_exclude_ips),
             "excludePorts": config.compact_ports(s.outbound_exclude_ports)}},
             "kumaDPUser": DP}
         path = self.lab.shared_file("bench.json", json.dumps(cfg))
-        r = self.lab.tproxy("install", "--config", path, "--redirect-inbound=false")
+        r = self.lab.tproxy("install", "--config", path, "--redirect-inbound=false",
+                            f"--ebpf-accelerate={str(accelerate).lower()}")
         if r.returncode != 0:
             raise SystemExit(f"install failed: {r.stderr}")
 
@@ -154,13 +165,15 @@ def check_captured(mode, before, after, requests, close):
 
 def measure(lab, modes, mode, seconds, n_rules=0, workloads=("conn", "latency", "bulk")):
     url = "http://127.0.0.1:15002" if mode == "none" else f"http://{REMOTE_IP4}:8080"
-    counter = {"iptables": modes.iptables_captured, "ebpf": modes.ebpf_captured}.get(mode)
+    counter = {"iptables": modes.iptables_captured, "ebpf": modes.ebpf_captured,
+               "ebpf-accel": modes.ebpf_captured}.get(mode)
     # One uncounted second first: a mode just switched on (programs loaded, rules
     # restored, caches cold) is not what a running pod sees.
     wrk(lab, url + "/", 1, close=True)
     out = {}
     for w in workloads:
         before = counter() if counter else 0
+        accel_before = modes.ebpf_accelerated() if mode == "ebpf-accel" else 0
         if w == "conn":
             res = wrk(lab, url + "/", seconds, close=True)
         elif w == "latency":
@@ -169,6 +182,10 @@ def measure(lab, modes, mode, seconds, n_rules=0, workloads=("conn", "latency", 
             res = wrk(lab, url + "/big", seconds, conns=4)
         if counter:
             check_captured(mode, before, counter(), res["requests"], w == "conn")
+        if mode == "ebpf-accel" and modes.ebpf_accelerated() - accel_before < res["requests"]:
+            raise SystemExit(f"mode ebpf-accel did not accelerate: fewer messages went socket "
+                             f"to socket than the {res['requests']} requests made ({w}); "
+                             "refusing to report its numbers")
         out[w] = res
     return out
 
@@ -190,8 +207,7 @@ def main():
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("make bench needs root (namespaces, cgroup, BPF, iptables)")
-    raw = {m: {w: [] for w in ("conn", "latency", "bulk")} for m in ("none", "iptables",
-                                                                      "ebpf")}
+    raw = {m: {w: [] for w in ("conn", "latency", "bulk")} for m in MODES}
     scaling = {f"{m}-{n}": [] for m in ("iptables", "ebpf") for n in (10, 1000, 10000)}
     with Lab("bench") as lab:
         tmp = lab.shared_file("x", "")
@@ -211,13 +227,14 @@ def main():
             print(f"repetition {rep + 1}/{args.reps}", flush=True)
             for mode, on, off in (("none", None, None),
                                   ("iptables", modes.iptables, modes.iptables_off),
-                                  ("ebpf", modes.ebpf, modes.ebpf_off)):
+                                  ("ebpf", modes.ebpf, modes.ebpf_off),
+                                  ("ebpf-accel", modes.ebpf_accel, modes.ebpf_off)):
                 if on:
                     on()
                 try:
                     for w, res in measure(lab, modes, mode, args.seconds).items():
                         raw[mode][w].append(res)
-                        print(f"  {mode:9} {w:8} {res['rps']:10.0f} req/s", flush=True)
+                        print(f"  {mode:10} {w:8} {res['rps']:10.0f} req/s", flush=True)
                 finally:
                     if off:
                         off()
@@ -249,7 +266,7 @@ def report(args, raw, scaling):
     summary = {m: {w: summarize(v) for w, v in ws.items()} for m, ws in raw.items()}
     scale = {k: summarize(v) for k, v in scaling.items()}
     ratios = {}
-    for m in ("iptables", "ebpf"):
+    for m in MODES[1:]:
         for w, key in (("conn", "rps"), ("latency", "p50_us"), ("latency", "p99_us"),
                        ("bulk", "bytes_per_s")):
             base = summary["none"][w][key]["median"]
@@ -263,8 +280,9 @@ def report(args, raw, scaling):
     lines = [f"Machine: {result['machine']['cpu']}, {result['machine']['cpus']} cores, "
              f"kernel {result['machine']['kernel']}; medians of {args.reps} runs of "
              f"{args.seconds} s (min–max), HAProxy 2.6 as the proxy, wrk as the client.", "",
-             "| workload | (a) no capture | (b) iptables | (c) eBPF | (b)/(a) | (c)/(a) |",
-             "|---|---|---|---|---|---|"]
+             "| workload | (a) no capture | (b) iptables | (c) eBPF | (d) eBPF + accel "
+             "| (b)/(a) | (c)/(a) | (d)/(a) |",
+             "|---|---|---|---|---|---|---|---|"]
 
     def cell(m, w, key, fmt):
         v = summary[m][w][key]
@@ -274,9 +292,9 @@ def report(args, raw, scaling):
             ("latency p99 (µs)", "latency", "p99_us", lambda x: f"{x:.0f}"),
             ("bulk MB/s", "bulk", "bytes_per_s", lambda x: f"{x / 1e6:.0f}"))
     for label, w, key, fmt in rows:
-        lines.append(f"| {label} | {cell('none', w, key, fmt)} | {cell('iptables', w, key, fmt)}"
-                     f" | {cell('ebpf', w, key, fmt)} | {ratios[f'iptables {w} {key}']:.2f}"
-                     f" | {ratios[f'ebpf {w} {key}']:.2f} |")
+        lines.append(f"| {label} | " + " | ".join(cell(m, w, key, fmt) for m in MODES) + " | "
+                     + " | ".join(f"{ratios[f'{m} {w} {key}']:.2f}" for m in MODES[1:])
+                     + " |")
     lines += ["", "| excluded CIDRs + ports | (b) iptables conn/s | (c) eBPF conn/s |",
               "|---|---|---|"]
     for n in (10, 1000, 10000):
@@ -297,11 +315,11 @@ def chart(out, summary, scale):
     labels = ["conn/s", "p50", "p99", "MB/s"]
     keys = [("conn", "rps"), ("latency", "p50_us"), ("latency", "p99_us"),
             ("bulk", "bytes_per_s")]
-    for i, m in enumerate(("iptables", "ebpf")):
+    for i, m in enumerate(MODES[1:]):
         vals = [summary[m][w][k]["median"] / summary["none"][w][k]["median"] for w, k in keys]
-        ax1.bar([x + i * 0.4 for x in range(4)], vals, width=0.4, label=m)
+        ax1.bar([x + i * 0.28 for x in range(4)], vals, width=0.28, label=m)
     ax1.axhline(1.0, color="grey", lw=0.8)
-    ax1.set_xticks([x + 0.2 for x in range(4)], labels)
+    ax1.set_xticks([x + 0.28 for x in range(4)], labels)
     ax1.set_title("ratio to no capture (latency: lower is better)")
     ax1.legend()
     for m in ("iptables", "ebpf"):

@@ -179,7 +179,7 @@ def test_upgrade_and_uninstall_leave_open_connections_working(lab):
 
 
 @pytest.mark.skipif(HAS_ACCEL, reason="this kernel has what --ebpf-accelerate needs; the "
-                    "refusal is shown on kernels without it (make kernels: 5.10, 6.1)")
+                    "refusal is shown on kernels without it (make kernels: 5.10)")
 def test_refused_on_a_kernel_without_it(lab):
     before = snapshot()
     r = install(lab, "--ebpf-accelerate", ok=False)

@@ -46,7 +46,9 @@ PROJECT = os.path.dirname(os.path.dirname(HERE))
 RESULTS = os.path.join(HERE, "results")
 CACHE = os.environ.get("EBPF_TPROXY_KERNEL_CACHE", "/var/cache/ebpf-tproxy-kernels")
 VNG_VERSION = "1.42"
-HOST_PKGS = ("qemu-system-x86", "busybox-static", "kmod", "file")
+# udev: virtme-ng-init runs it in the guest to name the virtio-serial ports that carry the
+# command's output and exit code (without it: console fallback, exit code lost).
+HOST_PKGS = ("qemu-system-x86", "busybox-static", "kmod", "file", "udev")
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 
 # series -> suites, as (archive, suite): "main" is the host's Debian archive, "security"
@@ -272,14 +274,18 @@ def boot(vng, k, outdir, pytest_args, timeout, memory, cpus):
     guest = [os.path.join(PROJECT, ".venv", "bin", "python"), os.path.join(HERE, "guest.py"),
              "--out", outdir, "--", *pytest_args]
     cmd = [vng, "--run", k.vmlinuz, "--disable-kvm", "--cpus", str(cpus),
-           "--memory", memory, "--rwdir", outdir, "--cwd", PROJECT,
+           "--memory", memory, "--cwd", PROJECT,
+           # The guest mounts a tmpfs over /var/cache: share the extracted kernels (the
+           # /lib/modules symlink and build/source point there) and the output directory.
+           "--rodir", os.path.join(CACHE, "kernels"), "--rwdir", outdir,
            "--exec", " ".join(_quote(a) for a in guest)]
     with open(os.path.join(outdir, "vng-cmd.txt"), "w") as f:
         f.write(" ".join(_quote(a) for a in cmd) + "\n")
     start = time.monotonic()
     first_guest_line = [None]
     log = open(os.path.join(outdir, "console.log"), "w")
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    env = dict(os.environ, PATH=os.path.dirname(vng) + os.pathsep + os.environ["PATH"])
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                          stdin=subprocess.DEVNULL, start_new_session=True, cwd=PROJECT,
                          text=True, errors="replace", bufsize=1)
     timed_out, done = threading.Event(), threading.Event()
