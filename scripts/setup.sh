@@ -1,13 +1,38 @@
 #!/usr/bin/env bash
 # make setup: everything `make demo` and `make test` need, installed only when missing.
-# Debian packages, BCC's kernel headers, and .venv (from /usr/bin/python3 with
+# Debian packages (or Fedora's, with dnf), BCC's kernel headers, and .venv (from /usr/bin/python3 with
 # --system-site-packages so that the distribution's bcc imports). Quiet when all is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 say() { printf 'setup: %s\n' "$*"; }
 
-PKGS=(python3-bpfcc python3-venv bpftool libbpf1 iptables iproute2 util-linux haproxy curl bind9-dnsutils)
+rel=$(uname -r)
+if ! command -v apt-get >/dev/null && command -v dnf >/dev/null; then
+  # Fedora (the Vagrant lab's fedora VM): the same tools under Fedora's names; the
+  # kernel-devel package of the running kernel gives BCC its headers.
+  PKGS=(bcc python3-bcc bpftool libbpf iptables-nft iproute util-linux haproxy curl bind-utils
+        make "kernel-devel-$rel")
+  missing=()
+  for p in "${PKGS[@]}"; do rpm -q "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    [ "$(id -u)" -eq 0 ] || { say "missing packages: ${missing[*]}; run make setup as root"; exit 1; }
+    say "installing ${missing[*]}"
+    dnf install -y -q "${missing[@]}" >/dev/null
+  fi
+else
+# Debian 12 names; Ubuntu 22.04 (the Vagrant lab) has libbpf0, and bpftool in linux-tools.
+has_pkg() { apt-cache show "$1" >/dev/null 2>&1; }
+# (Switch only when the other name is known and ours is not: with empty package lists
+# before the first apt-get update, the Debian names stand.)
+LIBBPF=libbpf1
+if ! has_pkg libbpf1 && has_pkg libbpf0; then LIBBPF=libbpf0; fi
+BPFTOOL=(bpftool)
+if ! has_pkg bpftool && has_pkg linux-tools-common; then
+  BPFTOOL=(linux-tools-common "linux-tools-$rel")
+fi
+PKGS=(python3-bpfcc python3-venv "${BPFTOOL[@]}" "$LIBBPF" iptables iproute2 util-linux haproxy
+      curl bind9-dnsutils)
 # make bench also needs a load generator, an HTTP server and a chart library.
 if [ "${1:-}" = "bench" ]; then
   PKGS+=(wrk nginx-light)
@@ -18,7 +43,6 @@ for p in "${PKGS[@]}"; do
 done
 
 # BCC compiles against /lib/modules/$(uname -r)/{build,source}.
-rel=$(uname -r)
 hdr_pkg=""
 if [ ! -e "/lib/modules/$rel/build/Makefile" ]; then
   if [ "$(id -u)" -eq 0 ]; then
@@ -58,6 +82,8 @@ if [ ! -e "/lib/modules/$rel/build/Makefile" ] && [ -n "$hdr_pkg" ]; then
     ln -sfn "$common_dir" "/lib/modules/$rel/source"
     say "warning: no headers package for kernel $rel; linked $(basename "$arch_dir") for BCC"
   fi
+fi
+
 fi
 
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; then

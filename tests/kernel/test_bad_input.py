@@ -61,3 +61,26 @@ def test_bad_value_in_environment_names_the_variable(lab):
     env = dict(lab.env(), KUMA_TRANSPARENT_PROXY_REDIRECT_OUTBOUND_PORT="0")
     r = lab.tproxy("install", "--kuma-dp-user", DP_USER, env=env)
     _assert_refused(lab, r, "KUMA_TRANSPARENT_PROXY_REDIRECT_OUTBOUND_PORT: 0", before)
+
+
+@pytest.mark.parametrize("command", ["install", "check"])
+def test_kernel_below_5_7_is_refused_with_a_fake_uname(lab, command):
+    # Ubuntu 20.04's 5.4: the floor is checked before anything touches the kernel.
+    import os
+    import subprocess
+    import sys
+    before = snapshot()
+    wrapper = os.path.join(os.path.dirname(__file__), "fake_uname.py")
+    args = [sys.executable, wrapper, "5.4.0-150-generic", command,
+            "--ebpf-bpffs-path", lab.bpffs, "--ebpf-cgroup-path", lab.cgroup]
+    if command == "install":
+        args += ["--kuma-dp-user", DP_USER, "--netns", lab.app_ns]
+    r = subprocess.run(args, capture_output=True, text=True, env=lab.env(), timeout=120)
+    assert r.returncode != 0, r.stdout
+    if command == "install":
+        _assert_refused(lab, r, "need Linux 5.7 or newer", before)
+    else:
+        line = [ln for ln in r.stdout.splitlines() if "kernel >= 5.7" in ln]
+        assert line and line[0].startswith("✗") and "running 5.4.0-150-generic" in line[0]
+        assert "need Linux 5.7 or newer" in r.stdout + r.stderr
+        assert pins(lab.bpffs) == [] and wait_back_to(before) == {}
