@@ -249,7 +249,7 @@ def check(ebpf_cgroup_path, ebpf_bpffs_path, output):
                     fix = f"without it, {mine[0].missing_means}"
                 else:
                     fix = probe.FEATURE_FALLBACK[feature]
-                checks.append(kernel.Check(feature, ok, "loads" if ok else err, fix,
+                checks.append(kernel.Check(feature, ok, (err or "loads") if ok else err, fix,
                                            required=required))
         except Exception as e:
             checks.append(kernel.Check("BPF compile", False, str(e).splitlines()[0],

@@ -92,8 +92,12 @@ PROBES = (
 
 # Probed features that change how the programs are built: probe name -> -D macro.
 FEATURE_MACROS = {"sock_ops netns cookie": "TP_SOCKOPS_NETNS_COOKIE"}
-FEATURE_FALLBACK = {"sock_ops netns cookie": "without it (before 5.15), the proxy's inbound "
-                    "listener is registered without checking its network namespace"}
+FEATURE_FALLBACK = {
+    "sock_ops netns cookie": "without it (before 5.15), the proxy's inbound listener is "
+    "registered without checking its network namespace, and --ebpf-accelerate is refused",
+    "SO_NETNS_COOKIE": "without it (before 5.14), connect4/6 cannot tell network namespaces "
+    "apart: sockets of every namespace in the cgroup are captured (install warns)",
+}
 
 
 def build_features(results):
@@ -101,7 +105,8 @@ def build_features(results):
 
 
 def probe_hooks():
-    """[(feature, ok, error, programs it enables)]; raises if BCC cannot compile at all."""
+    """[(feature, ok, error (or a detail when ok), programs it enables)]; raises if BCC
+    cannot compile at all."""
     from bcc import BPF
     bpf = BPF(text=PROBE_SOURCE.encode())
     results = []
@@ -114,4 +119,9 @@ def probe_hooks():
                 results.append((feature, False, str(e).splitlines()[0], progs))
     finally:
         bpf.cleanup()
+    # Not a hook: how the loader learns its namespace's cookie (getsockopt, 5.14).
+    cookie = bpfsys.netns_cookie()
+    results.append(("SO_NETNS_COOKIE", cookie != 0,
+                    "supported" if cookie else "getsockopt(SO_NETNS_COOKIE) is not supported",
+                    ()))
     return results

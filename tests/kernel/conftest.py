@@ -1,5 +1,6 @@
 """Kernel tests: real programs on real sockets, in lab namespaces and child cgroups made
 by each test and removed afterwards, also when the test fails (loader.lab.Lab.close)."""
+import functools
 import os
 import sys
 
@@ -18,6 +19,31 @@ CGROUP_HOOKS = sum(1 for p in PROGRAMS if p.target == "cgroup")   # attachments 
 
 if os.geteuid() != 0:
     pytest.skip("kernel tests need root (run make test as root)", allow_module_level=True)
+
+
+@functools.lru_cache(maxsize=None)
+def probe_table():
+    """What `ebpf-tproxy check` probes on this kernel: (feature, ok, error, programs)."""
+    from loader import probe
+    return tuple(probe.probe_hooks())
+
+
+def has(name):
+    return any(f == name and ok for f, ok, _, _ in probe_table())
+
+
+def requires(*names):
+    """Skip unless check's probe found every feature named; the reason quotes the probe
+    and what a user loses, so `make kernels` shows why a test did not run on a kernel."""
+    from loader import probe
+
+    def why(name):
+        _, _, err, progs = next(r for r in probe_table() if r[0] == name)
+        mine = [p for p in PROGRAMS if p.name in progs]
+        loses = mine[0].missing_means if mine else probe.FEATURE_FALLBACK.get(name, "")
+        return f"check's probe: {name} unavailable ({err}); {loses}"
+    missing = [n for n in names if not has(n)]
+    return pytest.mark.skipif(bool(missing), reason="; ".join(why(n) for n in missing))
 
 
 @pytest.fixture

@@ -14,19 +14,15 @@ import time
 
 import pytest
 
-from loader import abi, bpfsys, probe
+from loader import abi, bpfsys
 from loader.lab import REMOTE_IP4, REMOTE_IP6
 
-from .conftest import DP_UID, haproxy_config, install
+from .conftest import DP_UID, has, haproxy_config, install, requires
 from .residue import snapshot, wait_back_to
 
-FEATURES = {f: (ok, err) for f, ok, err, _ in probe.probe_hooks()}
-HAS_ACCEL = FEATURES["sockhash/sk_msg + sk_storage"][0] and \
-    FEATURES["sock_ops netns cookie"][0]
-WHY_NOT = "; ".join(f"{f}: {FEATURES[f][1]}" for f in
-                    ("sockhash/sk_msg + sk_storage", "sock_ops netns cookie")
-                    if not FEATURES[f][0])
-needs_accel = pytest.mark.skipif(not HAS_ACCEL, reason=f"check's probe: {WHY_NOT}")
+ACCEL = ("sockhash/sk_msg + sk_storage", "sock_ops netns cookie")
+needs_accel = requires(*ACCEL)
+HAS_ACCEL = all(has(f) for f in ACCEL)
 
 
 def status(lab):

@@ -8,7 +8,7 @@ import pytest
 
 from loader.lab import APP_IP4, APP_IP6, REMOTE_IP4, REMOTE_IP6
 
-from .conftest import APP_UID, DP_UID, OTHER_UID, install, listeners, reached
+from .conftest import APP_UID, DP_UID, OTHER_UID, install, listeners, reached, requires
 
 FAMILIES = [
     pytest.param(dict(remote=REMOTE_IP4, own=APP_IP4, lo="127.0.0.1", lo_other="127.0.0.5",
@@ -161,6 +161,7 @@ def test_v4_mapped_address_on_ipv6_socket_follows_ipv4_rules(captured):
     assert r["getpeername"] == f"{REMOTE_IP4}:8000"
 
 
+@requires("SO_NETNS_COOKIE")
 def test_sockets_in_another_netns_are_not_touched(captured):
     # cgroup hooks follow the cgroup, not the netns: a process of the cgroup that lives in
     # another namespace must not be redirected to a proxy that is not there. (Port 8000
