@@ -397,6 +397,8 @@ def status(name, ebpf_bpffs_path, output):
                 click.echo(f"  link {ln:<22} link id {info.get('link_id')}  prog id "
                            f"{info.get('prog_id')}")
             click.echo(f"  tracked connections  {e.get('tracked_connections')}")
+            if (meta.get("config") or {}).get("ebpf", {}).get("accelerate"):
+                click.echo(f"  accelerated sockets  {e.get('accelerated_sockets')}")
             counters = {k: v for k, v in (e.get("counters") or {}).items() if v}
             click.echo("  counters      " + (", ".join(f"{k}={v}" for k, v in counters.items())
                                              or "all zero"))

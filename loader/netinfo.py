@@ -7,7 +7,13 @@ and ::1, which is exactly the set the BPF programs need.
 """
 import ipaddress
 
-from pyroute2 import IPRoute
+
+def IPRoute():
+    """pyroute2's IPRoute, imported on first use: importing pyroute2 loads all of it
+    (~0.1 s here, seconds under emulation), which status, uninstall and --help never need."""
+    from pyroute2 import IPRoute as _IPRoute
+    return _IPRoute()
+
 
 RT_TABLE_LOCAL = 255
 RTN_LOCAL = 2

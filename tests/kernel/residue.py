@@ -20,7 +20,29 @@ def snapshot():
 
 
 def cgroup_attachments(cgroup):
-    return bpftool("cgroup", "list", cgroup)
+    """[(attach type, program id)] attached to this cgroup itself, for every cgroup hook
+    the programs use: BPF_PROG_QUERY through libbpf. (bpftool 7's `cgroup list` also asks
+    about attach types newer than the kernel and fails on 5.10.)"""
+    import ctypes as ct
+    from loader import bpfsys
+    from loader.programs import PROGRAMS
+    lib = bpfsys.libbpf()
+    lib.bpf_prog_query.argtypes = [ct.c_int, ct.c_int, ct.c_uint32, ct.POINTER(ct.c_uint32),
+                                   ct.POINTER(ct.c_uint32), ct.POINTER(ct.c_uint32)]
+    out = []
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for atype in sorted({p.attach_type for p in PROGRAMS if p.target == "cgroup"}):
+            ids = (ct.c_uint32 * 64)()
+            cnt, flags = ct.c_uint32(64), ct.c_uint32(0)
+            ret = lib.bpf_prog_query(fd, atype, 0, ct.byref(flags), ids, ct.byref(cnt))
+            if ret < 0:
+                raise OSError(-ret if ret != -1 else ct.get_errno(),
+                              f"BPF_PROG_QUERY {cgroup} type {atype}")
+            out += [(atype, ids[i]) for i in range(cnt.value)]
+    finally:
+        os.close(fd)
+    return out
 
 
 def wait_back_to(before, timeout=15.0):

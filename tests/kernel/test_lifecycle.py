@@ -77,8 +77,13 @@ def _killed_mid_install(lab):
          lab.cgroup], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
         env=dict(lab.env(), EBPF_TPROXY_TEST_PAUSE="after-link"))
     try:
-        line = p.stderr.readline()
-        assert "paused at after-link" in line, line + p.stderr.read()
+        # Read until the pause is announced (or install ends without reaching it: EOF).
+        seen = []
+        for line in p.stderr:
+            seen.append(line)
+            if "paused at after-link" in line:
+                break
+        assert "paused at after-link" in seen[-1], "".join(seen)
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()

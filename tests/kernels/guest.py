@@ -30,6 +30,25 @@ def sh(*cmd):
     return r.returncode == 0
 
 
+def fast_mounts(specs):
+    """Mount run.py's extra 9p exports (tag:path) with cache=loose over the same paths.
+    /usr/lib/modules (a tmpfs with the symlink to the kernel's modules, made by virtme-ng)
+    is under /usr on a merged-/usr host: made again on top."""
+    rel = platform.release()
+    modlink = f"/lib/modules/{rel}"
+    target = os.readlink(modlink) if os.path.islink(modlink) else None
+    done = []
+    for spec in specs:
+        tag, path = spec.split(":", 1)
+        if sh("mount", "-t", "9p", "-o", "trans=virtio,version=9p2000.L,cache=loose,"
+              "msize=512000,ro", tag, path):
+            done.append(path)
+    if target and not (os.path.islink(modlink) and os.readlink(modlink) == target):
+        sh("mount", "-t", "tmpfs", "none", "/lib/modules")
+        os.symlink(target, modlink)
+    return done
+
+
 def mount_what_is_missing():
     made = []
     if kernel.cgroup2_mount() is None:
@@ -54,11 +73,17 @@ def mount_what_is_missing():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--fast-mount", action="append", default=[])
+    ap.add_argument("--test-timeout", type=int, default=900)
     ap.add_argument("pytest_args", nargs="*")
     args = ap.parse_args()
     t0 = time.monotonic()
     rel = platform.release()
     say(f"started on {rel}")
+    if args.fast_mount:
+        t = time.monotonic()
+        say(f"9p with caching at {', '.join(fast_mounts(args.fast_mount))} "
+            f"({time.monotonic() - t:.1f} s)")
     info = {"uname": rel, "pytest_args": args.pytest_args}
     build = f"/lib/modules/{rel}/build"
     info["headers"] = os.path.realpath(build) if os.path.exists(build) else None
@@ -86,13 +111,18 @@ def main():
     say(f"check took {info['check_seconds']} s")
 
     junit = os.path.join(args.out, "junit.xml")
-    cmd = [sys.executable, "-m", "pytest", "-ra", "-p", "no:cacheprovider",
-           f"--junitxml={junit}", *args.pytest_args]
+    os.environ["KERNELS_PROGRESS"] = os.path.join(args.out, "progress.jsonl")
+    cmd = [sys.executable, "-m", "pytest", "-ra", "-v", "-p", "no:cacheprovider",
+           "-p", "tests.kernels.progress",
+           "--durations=15", f"--timeout={args.test_timeout}", f"--junitxml={junit}",
+           *args.pytest_args]
     say("running " + " ".join(cmd[1:]))
     t = time.monotonic()
     info["pytest_exit"] = subprocess.run(cmd, cwd=PROJECT).returncode
     info["pytest_seconds"] = round(time.monotonic() - t, 1)
     info["guest_seconds"] = round(time.monotonic() - t0, 1)
+    with open(os.path.join(args.out, "dmesg.txt"), "w") as f:
+        subprocess.run(["dmesg"], stdout=f, stderr=subprocess.DEVNULL)
     with open(os.path.join(args.out, "guest.json"), "w") as f:
         json.dump(info, f, indent=2)
     say(f"pytest exit {info['pytest_exit']} after {info['pytest_seconds']} s")

@@ -1,0 +1,86 @@
+"""The kernel matrix's reporting (tests/kernels/run.py), without booting anything."""
+import json
+
+from tests.kernels import run
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?>
+<testsuites><testsuite name="pytest" errors="1" failures="1" skipped="1" tests="4">
+<testcase classname="tests.kernel.test_a" name="test_ok" time="1.0"/>
+<testcase classname="tests.kernel.test_a" name="test_bad" time="1.0">
+  <failure message="AssertionError: assert 1 == 2&#10;more">trace</failure></testcase>
+<testcase classname="tests.kernel.test_b" name="test_skip" time="0.0">
+  <skipped type="pytest.skip" message="needs 5.15">skip</skipped></testcase>
+<testcase classname="tests.kernel.test_b" name="test_err" time="0.0">
+  <error message="failed on setup with &quot;RuntimeError: no cgroup2&quot;">x</error></testcase>
+</testsuite></testsuites>
+"""
+
+CONSOLE = """[    1.0] something
+tests/kernel/test_a.py::test_ok PASSED [ 50%]
+tests/kernel/test_a.py::test_bad[ipv4] FAILED [100%]
+tests/kernel/test_b.py::test_skip SKIPPED (needs 5.15) [100%]
+"""
+
+
+def test_junit_counts(tmp_path):
+    p = tmp_path / "junit.xml"
+    p.write_text(JUNIT)
+    counts, failures, skips = run.junit_counts(str(p))
+    assert counts == {"passed": 1, "failed": 1, "errors": 1, "skipped": 1}
+    assert failures[0] == {"test": "tests.kernel.test_a::test_bad", "kind": "failure",
+                           "message": "AssertionError: assert 1 == 2"}
+    assert failures[1]["kind"] == "error" and "no cgroup2" in failures[1]["message"]
+    assert skips == [{"test": "tests.kernel.test_b::test_skip", "message": "needs 5.15"}]
+    assert run.junit_counts(str(tmp_path / "none.xml"))[0] is None
+
+
+def test_console_counts_after_a_timeout(tmp_path):
+    p = tmp_path / "console.log"
+    p.write_text(CONSOLE)
+    counts, failures, _ = run.console_counts(str(p))
+    assert counts == {"passed": 1, "failed": 1, "errors": 0, "skipped": 1}
+    assert failures[0]["test"] == "tests/kernel/test_a.py::test_bad[ipv4]"
+
+
+def result(series, ok=True, features=None):
+    return {"series": series, "kernel": f"{series}.0-1-amd64", "ok": ok, "timed_out": False,
+            "wall_seconds": 100.0, "boot_seconds": 20.0, "check_seconds": 9.0,
+            "pytest_seconds": 70.0,
+            "tests": {"passed": 3, "failed": 0 if ok else 1, "errors": 0, "skipped": 1},
+            "features": features or {"cgroup/connect4": True},
+            "failures": [] if ok else [{"test": "t::x", "kind": "failure", "message": "boom"}]}
+
+
+def test_summary_keeps_other_series_and_orders_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "RESULTS", str(tmp_path))
+    (tmp_path / "6.12.json").write_text(json.dumps(result("6.12")))
+    run.write_summary([result("5.10", ok=False, features={"cgroup/connect4": True,
+                                                          "SO_NETNS_COOKIE": "not supported"}),
+                       result("6.1")])
+    md = (tmp_path / "summary.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| 5.") or
+            line.startswith("| 6.")]
+    assert [r.split("|")[1].strip() for r in rows] == ["5.10", "6.1", "6.12"]
+    assert "| 5.10 | 5.10.0-1-amd64 | 3 | 1 | 1 |" in md and "FAIL" in md
+    assert "| SO_NETNS_COOKIE | no | — | — |" in md
+    assert "- `t::x` (failure): boom" in md
+
+
+def test_text_table_aligns():
+    out = run.text_table([["a", "bb"], ["ccc", "d"]]).splitlines()
+    assert out == ["a    bb", "ccc  d "]
+
+
+def test_progress_counts_when_the_guest_was_stopped(tmp_path):
+    lines = [{"test": "a::ok", "when": "call", "outcome": "passed", "message": ""},
+             {"test": "a::bad", "when": "call", "outcome": "failed",
+              "message": "AssertionError: boom\nassert 1 == 2"},
+             {"test": "a::bad", "when": "teardown", "outcome": "error", "message": "x"},
+             {"test": "b::skip", "when": "setup", "outcome": "skipped",
+              "message": "Skipped: needs 5.15"}]
+    p = tmp_path / "progress.jsonl"
+    p.write_text("".join(json.dumps(e) + "\n" for e in lines))
+    counts, failures, skips = run.progress_counts(str(p))
+    assert counts == {"passed": 1, "failed": 1, "errors": 0, "skipped": 1}
+    assert failures == [{"test": "a::bad", "kind": "failure", "message": "AssertionError: boom"}]
+    assert skips[0]["message"] == "Skipped: needs 5.15"
