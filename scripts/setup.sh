@@ -37,6 +37,11 @@ PKGS=(python3-bpfcc python3-venv "${BPFTOOL[@]}" "$LIBBPF" iptables iproute2 uti
 if [ "${1:-}" = "bench" ]; then
   PKGS+=(wrk nginx-light)
 fi
+# make kernels also validates the Vagrantfile (tests/unit/test_vagrantfile.py); qemu and
+# virtme-ng are installed by tests/kernels/run.py itself.
+if [ "${1:-}" = "kernels" ]; then
+  PKGS+=(vagrant)
+fi
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
