@@ -128,7 +128,8 @@ def probe_hooks():
     """[(feature, ok, error (or a detail when ok), programs it enables)]; raises if BCC
     cannot compile at all."""
     from bcc import BPF
-    bpf = BPF(text=PROBE_SOURCE.encode())
+    from .programs import QUIET_CFLAGS
+    bpf = BPF(text=PROBE_SOURCE.encode(), cflags=QUIET_CFLAGS)
     results = []
     try:
         for feature, fn, ptype, atype, progs in PROBES:

@@ -60,6 +60,12 @@ PROGRAMS = (
 )
 
 
+# Newer kernels' headers carry attributes clang 14 (Debian 12's BCC) does not know; its
+# warnings about them (seen with 6.12's headers) are about the headers, not our code, and
+# would otherwise land in install's output.
+QUIET_CFLAGS = ["-Wno-ignored-attributes", "-Wno-unknown-attributes"]
+
+
 def source(files=PROGRAM_FILES, bpf_dir=BPF_DIR):
     """One text: the program files with our own headers pasted in, each once."""
     seen = set()
@@ -83,7 +89,7 @@ def compile_programs(pin_dir, features=()):
     pin_dir. features: probed kernel features, each a -D macro (TP_SOCKOPS_NETNS_COOKIE).
     Returns the bcc.BPF object."""
     from bcc import BPF
-    cflags = [f'-DTP_PIN_DIR="{pin_dir}"'] + [f"-D{f}" for f in features]
+    cflags = [f'-DTP_PIN_DIR="{pin_dir}"'] + [f"-D{f}" for f in features] + QUIET_CFLAGS
     return BPF(text=source().encode(), cflags=cflags)
 
 

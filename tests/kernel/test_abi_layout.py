@@ -16,6 +16,7 @@ VIA_MAPS = {
     "tp_conn_key": ("tp_conns", "Key"),
     "tp_conn": ("tp_conns", "Leaf"),
     "tp_meta": ("tp_meta", "Leaf"),
+    "tp_sock_key": ("tp_accel", "Key"),
 }
 
 
@@ -34,6 +35,18 @@ def compiled():
         os.rmdir(d)
 
 
+def bcc_struct(compiled, map_name, which):
+    """The ctypes type BCC derived for a map's key or leaf. BCC has no table class for a
+    sockhash (tp_accel), so that one is decoded from the module's description directly."""
+    import json
+    from bcc.libbcc import lib
+    if map_name == "tp_accel":
+        desc = (lib.bpf_table_key_desc if which == "Key" else lib.bpf_table_leaf_desc)(
+            compiled.module, map_name.encode())
+        return compiled._decode_table_type(json.loads(desc))
+    return getattr(compiled[map_name.encode()], which)
+
+
 def layout(t):
     out = []
     for name, ftype in t._fields_:
@@ -46,7 +59,7 @@ def layout(t):
 @pytest.mark.parametrize("cname", sorted(VIA_MAPS))
 def test_struct_layout_matches_bcc(compiled, cname):
     map_name, which = VIA_MAPS[cname]
-    bcc_type = getattr(compiled[map_name.encode()], which)
+    bcc_type = bcc_struct(compiled, map_name, which)
     mine = abi.STRUCTS[cname]
     size, fields = layout(mine)
     bsize, bfields = layout(bcc_type)

@@ -24,7 +24,8 @@ Exits 1 if any kernel had a failure, an error, or did not boot/finish.
 Cache: $EBPF_TPROXY_KERNEL_CACHE or /var/cache/ebpf-tproxy-kernels (virtme-ng's venv,
 apt lists, .deb files, extracted kernels). Nothing is written under the host's
 /lib/modules, /boot or /etc/apt. Missing host packages (qemu-system-x86, busybox-static,
-kmod, file) are installed with apt-get, which needs root; so does the whole run.
+kmod, file, udev) are installed with apt-get, which needs root; so does the whole run.
+See tests/kernels/README.md.
 """
 import argparse
 import datetime
@@ -594,7 +595,6 @@ def main(argv=None):
                     help="fetch and extract the kernels, boot nothing")
     ap.add_argument("pytest_args", nargs="*", help="after --: more pytest arguments")
     args = ap.parse_args(argv)
-    # A TERM (CI's time limit, kill) unwinds like Ctrl-C: the guest is stopped on the way.
     # TERM or Ctrl-C (CI's time limit, kill): the guest is stopped, the tests that finished
     # are reported, no further kernel is booted.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -657,10 +657,15 @@ def main(argv=None):
         if r.get("problem"):
             print(f"[{r['series']}] no test results; console tail:\n{r['problem']}")
     print(f"\nresults: {RESULTS}/<series>.json, {RESULTS}/summary.md; raw: {CACHE}/runs/")
+    total = {k: sum((r["tests"] or {}).get(k, 0) for r in results)
+             for k in ("passed", "failed", "errors", "skipped")}
     if STOP.is_set():
         say("stopped before the end: the last kernel's counts are partial")
-        return 1
-    return 0 if all(r["ok"] for r in results) else 1
+    # The closing line, all kernels together (a kernel without results counts as failed).
+    print(f"{total['passed']} passed, "
+          f"{total['failed'] + total['errors'] + sum(1 for r in results if not r['tests'])} "
+          f"failed, {total['skipped']} skipped")
+    return 0 if results and all(r["ok"] for r in results) and not STOP.is_set() else 1
 
 
 if __name__ == "__main__":
