@@ -36,20 +36,10 @@ kernels: setup
 	$(PY) -m pytest -ra tests/unit/test_vagrantfile.py
 
 # What CI runs: one older kernel (5.10: the one with missing features, so the skips and
-# refusals are exercised), a test per hook and per fallback.
-KERNEL_CI_TESTS := tests/kernel/test_cli.py::test_check_passes_here_and_probes_every_hook \
-	tests/kernel/test_outbound_rules.py::test_default_redirects_to_outbound_port_with_original_destination \
-	tests/kernel/test_outbound_rules.py::test_sockets_in_another_netns_are_not_touched \
-	tests/kernel/test_e2e_proxy.py::test_haproxy_debian_package_learns_original_destination \
-	tests/kernel/test_inbound.py::test_connections_from_another_host_land_on_the_inbound_listener \
-	tests/kernel/test_dns.py::test_glibc_and_python_resolvers_get_the_mesh_answer \
-	tests/kernel/test_dns.py::test_udp_sockets_connected_and_not \
-	tests/kernel/test_accelerate.py \
-	tests/kernel/test_lifecycle.py::test_capture_survives_the_loader_and_uninstall_leaves_nothing \
-	tests/kernel/test_bad_input.py::test_kernel_below_5_7_is_refused_with_a_fake_uname
+# refusals are exercised), the tests marked kernel_ci: one per hook and per fallback.
 kernels-ci: setup
 	@bash scripts/setup.sh kernels
-	$(PY) tests/kernels/run.py --kernels $${KERNELS:-5.10} --tests "$(KERNEL_CI_TESTS)"
+	$(PY) tests/kernels/run.py --kernels $${KERNELS:-5.10} --tests tests/kernel -- -m kernel_ci
 
 # Our capture vs iptables vs no capture, side by side (not part of make test).
 bench: setup

@@ -20,6 +20,8 @@ from loader.lab import REMOTE_IP4, REMOTE_IP6
 from .conftest import DP_UID, has, haproxy_config, install, requires
 from .residue import snapshot, wait_back_to
 
+pytestmark = pytest.mark.kernel_ci   # make kernels-ci runs this module
+
 ACCEL = ("sockhash/sk_msg + sk_storage", "sock_ops netns cookie")
 needs_accel = requires(*ACCEL)
 HAS_ACCEL = all(has(f) for f in ACCEL)

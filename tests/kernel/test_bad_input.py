@@ -64,6 +64,7 @@ def test_bad_value_in_environment_names_the_variable(lab):
 
 
 @pytest.mark.parametrize("command", ["install", "check"])
+@pytest.mark.kernel_ci
 def test_kernel_below_5_7_is_refused_with_a_fake_uname(lab, command):
     # Ubuntu 20.04's 5.4: the floor is checked before anything touches the kernel.
     import os

@@ -1,12 +1,15 @@
 """check, install --dry-run and status as a user sees them."""
 import json
 
+import pytest
+
 from loader.programs import PROGRAMS
 
 from .conftest import DP_USER
 from .residue import cgroup_attachments, pins, snapshot, wait_back_to
 
 
+@pytest.mark.kernel_ci
 def test_check_passes_here_and_probes_every_hook(lab):
     r = lab.tproxy("check", "--output", "json")
     assert r.returncode == 0, r.stdout + r.stderr

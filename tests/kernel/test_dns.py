@@ -43,6 +43,7 @@ def getent(lab, user=APP_UID):
     return r.stdout.split()[0] if r.returncode == 0 else f"failed: {r.returncode}"
 
 
+@pytest.mark.kernel_ci
 def test_glibc_and_python_resolvers_get_the_mesh_answer(dns):
     install(dns, "--redirect-dns", "--config", dns.config)
     assert getent(dns) == MESH
@@ -67,6 +68,7 @@ def test_dig_accepts_the_answer(dns):
 
 @pytest.mark.parametrize("server", [REMOTE_IP4, REMOTE_IP6], ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize("connected", [False, True], ids=["sendto", "connect"])
+@pytest.mark.kernel_ci
 def test_udp_sockets_connected_and_not(dns, server, connected):
     install(dns, "--redirect-dns", "--config", dns.config)
     r = query(dns, server, connected)

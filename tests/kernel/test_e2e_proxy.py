@@ -24,6 +24,7 @@ def server(lab):
     return lab
 
 
+@pytest.mark.kernel_ci
 def test_haproxy_debian_package_learns_original_destination(server):
     lab = server
     assert shutil.which("haproxy"), "make setup installs haproxy"

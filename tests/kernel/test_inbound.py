@@ -36,6 +36,7 @@ def fmt(host, port):
 
 
 @pytest.mark.parametrize("host", [APP_IP4, APP_IP6], ids=["ipv4", "ipv6"])
+@pytest.mark.kernel_ci
 def test_connections_from_another_host_land_on_the_inbound_listener(pod, host):
     install(pod)
     for port in (8080, 8081, 9999):

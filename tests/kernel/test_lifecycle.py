@@ -5,6 +5,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from loader.lab import REMOTE_IP4
 
 from .conftest import CGROUP_HOOKS, DP_USER, install, listeners, reached
@@ -17,6 +19,7 @@ def status(lab):
     return json.loads(r.stdout)
 
 
+@pytest.mark.kernel_ci
 def test_capture_survives_the_loader_and_uninstall_leaves_nothing(lab):
     listeners(lab)
     before = snapshot()

@@ -28,6 +28,7 @@ def captured(lab):
     return lab
 
 
+@pytest.mark.kernel_ci
 def test_default_redirects_to_outbound_port_with_original_destination(captured):
     install(captured)
     for f in (FAMILIES[0].values[0], FAMILIES[1].values[0]):
@@ -162,6 +163,7 @@ def test_v4_mapped_address_on_ipv6_socket_follows_ipv4_rules(captured):
 
 
 @requires("SO_NETNS_COOKIE")
+@pytest.mark.kernel_ci
 def test_sockets_in_another_netns_are_not_touched(captured):
     # cgroup hooks follow the cgroup, not the netns: a process of the cgroup that lives in
     # another namespace must not be redirected to a proxy that is not there. (Port 8000
