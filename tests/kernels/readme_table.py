@@ -42,7 +42,9 @@ def table(results):
         cell = (f"{t.get('passed', 0)} passed, {t.get('failed', 0) + t.get('errors', 0)} "
                 f"failed, {t.get('skipped', 0)} skipped")
         sel = r.get("selection") or r.get("pytest_args") or []
-        if sel and sel != ["tests/kernel"]:
+        if "-m" in sel:
+            cell += f" (tests marked {sel[sel.index('-m') + 1]})"
+        elif sel and sel != ["tests/kernel"]:
             cell += f" (of {', '.join(os.path.basename(s) for s in sel)})"
         if r.get("partial") or r.get("timed_out"):
             cell += ", partial"
@@ -52,6 +54,10 @@ def table(results):
                                              for r in results) + " |")
     lines.append("| run on | " + " | ".join(r.get("date", "?") for r in results) + " |")
     notes = [f"- {r['series']}: {r['note']}" for r in results if r.get("note")]
+    for r in results:
+        for f in r.get("failures") or []:
+            msg = " ".join(str(f.get("message", "")).split())[:240]
+            notes.append(f"- {r['series']}: failed `{f.get('test')}`: {msg}")
     return "\n".join(lines + ([""] + notes if notes else []))
 
 

@@ -578,6 +578,25 @@ def write_summary(results):
         f.write("\n".join(lines))
 
 
+def one_run_at_a_time():
+    """One matrix run per host: a second guest on the same cores halves both (the time
+    limits then fail tests), and both would share the cache's run directories. A second
+    run waits for the first instead of someone stopping it by hand."""
+    import fcntl
+    f = open(os.path.join(CACHE, "run.lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        say(f"another run is in progress ({f.read().strip() or 'pid unknown'}): waiting")
+        fcntl.flock(f, fcntl.LOCK_EX)
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
+    f.flush()
+    return f
+
+
 # ------------------------------------------------------------------------ main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -615,6 +634,7 @@ def main(argv=None):
     if not os.path.exists(os.path.join(PROJECT, ".venv", "bin", "python")):
         raise SystemExit("kernels: no .venv: run make setup first")
     os.makedirs(CACHE, exist_ok=True)
+    _lock = one_run_at_a_time()   # noqa: F841 (held until exit)
     vng = ensure_host_deps()
     archives = host_archives()
     kernels = []
