@@ -357,12 +357,12 @@ def _install_locked(settings, cgroup_path, paths, p, progress):
     except Exception as e:
         raise InstallError(f"BCC could not build the feature probes ({str(e).splitlines()[0]})"
                            "; run 'make setup' and 'ebpf-tproxy check'") from None
-    _log(progress, "compiling the BPF programs (BCC)"
-         + (f" with {', '.join(features)}" if features else ""))
     if settings.accelerate and "TP_SOCKOPS_NETNS_COOKIE" not in features:
         raise InstallError("--ebpf-accelerate: this kernel has no bpf_get_netns_cookie() in "
                            "sock_ops (5.15), which keeps sockets of different network "
                            "namespaces apart; install without --ebpf-accelerate")
+    _log(progress, "compiling the BPF programs (BCC)"
+         + (f" with {', '.join(features)}" if features else ""))
     try:
         bpf = programs.compile_programs(paths.maps, features)
     except Exception as e:   # BCC raises a bare Exception; its compiler output is on stderr
