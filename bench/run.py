@@ -1,6 +1,7 @@
 """make bench: our capture vs iptables vs no capture, side by side in one run, one lab.
 
     python bench/run.py [--reps 5] [--seconds 3] [--out bench/results]
+    python bench/run.py --publish bench/results/20261122-180102.json   # re-render only
 
 The same HAProxy (Debian's, as the DP user, beside the application in the cgroup) proxies
 every mode to the same nginx on the lab's remote host; wrk (Debian's) is the client:
@@ -13,7 +14,8 @@ Workloads: new connections (Connection: close), request/response latency on pers
 connections (p50, p99), bulk throughput (an 8 MiB file); rule scaling: new-connection rate
 with 10, 1,000 and 10,000 excluded CIDRs and ports for (b) and (c).
 Reported: medians of --reps repetitions with min and max, and ratios to (a), in
-bench/results/<date>.json, bench/results/summary.md and bench/results/chart.png.
+bench/results/<date>.json, bench/results/summary.md, bench/results/chart.png and the
+README's Speed table (between its bench:begin/end markers; never edited by hand).
 A mode that did not capture (its redirect counter did not grow by the requests made), or
 (d) without accelerated messages, stops the run: no number is reported for traffic that
 bypassed what it claims to measure.
@@ -31,12 +33,14 @@ import statistics
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, PROJECT)
 
 from loader import config, iptables_oracle  # noqa: E402
 from loader.lab import REMOTE_IP4, Lab  # noqa: E402
 
 DP = "nobody"
+RESULTS = os.path.join(PROJECT, "bench", "results")
 MODES = ("none", "iptables", "ebpf", "ebpf-accel")   # (a) (b) (c) (d)
 NGINX = """
 worker_processes 1;
@@ -203,8 +207,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=3)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--out", default=RESULTS,
+                    help="results directory (the README table is updated only for the default)")
+    ap.add_argument("--publish", metavar="RESULT_JSON",
+                    help="measure nothing: write summary.md, chart.png and the README table "
+                    "from a saved run (bench/results/<date>.json)")
     args = ap.parse_args()
+    if args.publish:
+        with open(args.publish) as f:
+            publish(os.path.dirname(os.path.abspath(args.publish)), json.load(f))
+        return
     if os.geteuid() != 0:
         raise SystemExit("make bench needs root (namespaces, cgroup, BPF, iptables)")
     raw = {m: {w: [] for w in ("conn", "latency", "bulk")} for m in MODES}
@@ -277,9 +289,29 @@ def report(args, raw, scaling):
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     with open(os.path.join(args.out, f"{stamp}.json"), "w") as f:
         json.dump(result, f, indent=1)
+    publish(args.out, result)
+
+
+def publish(out, result):
+    """summary.md, chart.png and (for the default results directory) the README's table,
+    all from one run's result."""
+    lines = summary_lines(result)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    chart(out, result["summary"], result["rule_scaling"])
+    if os.path.abspath(out) == os.path.abspath(RESULTS):
+        update_readme(lines)
+        print(f"README.md: table between {README_BEGIN} and {README_END} updated")
+
+
+def summary_lines(result):
+    """The Markdown tables of one run (summary.md and the README's Speed block)."""
+    summary, scale = result["summary"], result["rule_scaling"]
+    ratios = result["ratios_to_none"]
     lines = [f"Machine: {result['machine']['cpu']}, {result['machine']['cpus']} cores, "
-             f"kernel {result['machine']['kernel']}; medians of {args.reps} runs of "
-             f"{args.seconds} s (min–max), HAProxy 2.6 as the proxy, wrk as the client.", "",
+             f"kernel {result['machine']['kernel']}; medians of {result['reps']} runs of "
+             f"{result['seconds']} s (min–max), HAProxy 2.6 as the proxy, wrk as the client.", "",
              "| workload | (a) no capture | (b) iptables | (c) eBPF | (d) eBPF + accel "
              "| (b)/(a) | (c)/(a) | (d)/(a) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -301,10 +333,19 @@ def report(args, raw, scaling):
         b, c = scale[f"iptables-{n}"]["rps"], scale[f"ebpf-{n}"]["rps"]
         lines.append(f"| {n} | {b['median']:.0f} ({b['min']:.0f}–{b['max']:.0f}) | "
                      f"{c['median']:.0f} ({c['min']:.0f}–{c['max']:.0f}) |")
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    chart(args.out, summary, scale)
+    return lines
+
+
+README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def update_readme(lines, path=os.path.join(PROJECT, "README.md")):
+    """Replace the README's table block with this run's (the only way it is written)."""
+    with open(path) as f:
+        text = f.read()
+    a, b = text.index(README_BEGIN) + len(README_BEGIN), text.index(README_END)
+    with open(path, "w") as f:
+        f.write(text[:a] + "\n" + "\n".join(lines) + "\n" + text[b:])
 
 
 def chart(out, summary, scale):

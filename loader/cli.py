@@ -100,8 +100,11 @@ KUMA_OPTIONS = [
                  "source (default: from netlink)."),
     click.option("--ebpf-tc-attach-iface", help="(not used: no tc program)"),
     click.option("--ebpf-programs-source-path", help="(not used: programs are built in)"),
-    bool_option("--ebpf-accelerate", "Move bytes between captured applications and the "
-                "local proxy socket to socket (sockmap), skipping TCP/IP; opt-in, needs 5.15."),
+    click.option("--ebpf-accelerate", is_flag=False, flag_value="true", default=None,
+                 metavar="[=auto|BOOL]",
+                 help="Move bytes between captured applications and the local proxy socket "
+                 "to socket (sockmap), skipping TCP/IP. Default auto: on where the kernel "
+                 "supports it (5.15+); true refuses a kernel without it; false turns it off."),
     click.option("--vnet", multiple=True, help="(refused: not implemented)"),
     # iptables-only switches: accepted so Kuma invocations keep working; each prints what
     # it means here.
@@ -340,7 +343,8 @@ def install(**kw):
     click.echo(f"installed {settings.name!r}: outbound TCP of {cgroup} -> "
                f"port {settings.outbound_port}{inbound} (DP user {settings.dp_user}, uid "
                f"{settings.dp_uid}, source {p['instance_ip4'] or '-'}"
-               f"{' / ' + p['instance_ip6'] if p['instance_ip6'] else ''})")
+               f"{' / ' + p['instance_ip6'] if p['instance_ip6'] else ''}), "
+               f"sockmap acceleration {p.get('acceleration', 'off')}")
 
 
 @main.command()

@@ -357,10 +357,22 @@ def _install_locked(settings, cgroup_path, paths, p, progress):
     except Exception as e:
         raise InstallError(f"BCC could not build the feature probes ({str(e).splitlines()[0]})"
                            "; run 'make setup' and 'ebpf-tproxy check'") from None
-    if settings.accelerate and "TP_SOCKOPS_NETNS_COOKIE" not in features:
+    # Acceleration joins sockets by address in sock_ops; only the netns cookie there keeps
+    # two namespaces' identical 4-tuples apart (5.15). Asked for: refuse without it. Left
+    # to the default: on where it is safe, off (and said) where it is not.
+    can_accelerate = "TP_SOCKOPS_NETNS_COOKIE" in features
+    if settings.accelerate is True and not can_accelerate:
         raise InstallError("--ebpf-accelerate: this kernel has no bpf_get_netns_cookie() in "
                            "sock_ops (5.15), which keeps sockets of different network "
                            "namespaces apart; install without --ebpf-accelerate")
+    if settings.accelerate is None:
+        settings = dataclasses.replace(settings, accelerate=can_accelerate)
+        p["acceleration"] = ("on" if can_accelerate else
+                             "off (this kernel has no netns cookie in sock_ops, 5.15)")
+    else:
+        p["acceleration"] = "on" if settings.accelerate else "off (--ebpf-accelerate=false)"
+    _log(progress, f"sockmap acceleration: {p['acceleration']}")
+    p["config"]["ebpf"]["accelerate"] = settings.accelerate
     _log(progress, "compiling the BPF programs (BCC)"
          + (f" with {', '.join(features)}" if features else ""))
     try:

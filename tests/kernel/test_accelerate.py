@@ -3,8 +3,9 @@ to socket (sk_msg on tp_accel). Shown with Debian's HAProxy in the middle and an
 server on the lab's remote host: every byte must come back, in order, while the counters
 prove the bytes took the accelerated path; sockets leave tp_accel when they close.
 
-The whole kernel suite also runs with acceleration on: `make test-accelerate` sets Kuma-style
-KUMA_TRANSPARENT_PROXY_EBPF_ACCELERATE=true for every install the tests make."""
+Acceleration is on by default where the kernel supports it (5.15+), so `make test` runs the
+whole kernel suite accelerated there; `make test-no-accelerate` runs it again on TCP with
+Kuma-style KUMA_TRANSPARENT_PROXY_EBPF_ACCELERATE=false for every install the tests make."""
 import ctypes as ct
 import json
 import os
@@ -143,13 +144,30 @@ def test_ipv6_is_accelerated_too(lab):
     assert c["accel_sockets_added"] == 4 and c["accel_msgs_redirected"] > 0, c
 
 
-def test_off_by_default(lab):
+def test_switched_off_with_false(lab):
     echo_lab(lab, proxy="lab")
-    install(lab, "--ebpf-accelerate=false")   # explicit: make test-accelerate sets the env
+    install(lab, "--ebpf-accelerate=false")
     out = transfer(lab, REMOTE_IP4, 1 << 20, parallel=2)
     assert out["all_exact"], out
     c = status(lab)["counters"]
     assert (c["accel_sockets_added"], c["accel_msgs_redirected"]) == (0, 0), c
+
+
+def test_auto_is_on_exactly_where_the_kernel_supports_it(lab):
+    """The default (auto): accelerated where check's probes say the kernel can, TCP
+    otherwise, and install says which (runs on every kernel: make kernels shows both)."""
+    echo_lab(lab, proxy="lab")
+    r = install(lab, "--ebpf-accelerate=auto")   # the default; explicit over make's env
+    said = r.stdout.split("sockmap acceleration ")[-1].strip()
+    assert said == "on" if HAS_ACCEL else said.startswith("off (this kernel has no netns cookie"), said
+    out = transfer(lab, REMOTE_IP4, 1 << 20, parallel=2)
+    assert out["all_exact"], out
+    st = status(lab)
+    c = st["counters"]
+    if HAS_ACCEL:
+        assert c["accel_sockets_added"] == 4 and c["accel_msgs_redirected"] > 0, c
+    else:
+        assert (c["accel_sockets_added"], c["accel_msgs_redirected"]) == (0, 0), c
 
 
 @needs_accel

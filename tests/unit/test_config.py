@@ -189,3 +189,19 @@ def test_nameservers_by_family(tmp_path):
     assert config.read_nameservers(str(f)) == {4: ["10.0.0.2"], 6: ["fe80::1", "::1"]}
     with pytest.raises(ConfigError, match="cannot read"):
         config.read_nameservers(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("given, expected", [
+    (None, None), ("auto", None), ("AUTO", None), ("true", True), ("false", False),
+    ("0", False)])
+def test_accelerate_is_auto_unless_given(given, expected):
+    """ebpf.accelerate: None means install decides from the kernel (on where supported)."""
+    flags = {} if given is None else {"ebpf.accelerate": given}
+    env = {"KUMA_TRANSPARENT_PROXY_EBPF_ACCELERATE": given} if given else {}
+    assert load(flags=flags).accelerate is expected
+    assert load(env=env).accelerate is expected
+
+
+def test_accelerate_rejects_other_words():
+    with pytest.raises(ConfigError, match="use auto, true or false"):
+        load(flags={"ebpf.accelerate": "maybe"})
