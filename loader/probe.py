@@ -98,7 +98,8 @@ PROBES = (
 FEATURE_MACROS = {"sock_ops netns cookie": "TP_SOCKOPS_NETNS_COOKIE"}
 FEATURE_FALLBACK = {
     "sock_ops netns cookie": "without it (before 5.15), the proxy's inbound listener is "
-    "registered without checking its network namespace, and --ebpf-accelerate is refused",
+    "registered without checking its network namespace, and sockmap acceleration is off "
+    "(--ebpf-accelerate=true is refused)",
     "SO_NETNS_COOKIE": "without it (before 5.14), connect4/6 cannot tell network namespaces "
     "apart: sockets of every namespace in the cgroup are captured (install warns)",
 }

@@ -75,8 +75,13 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--fast-mount", action="append", default=[])
     ap.add_argument("--test-timeout", type=int, default=900)
+    ap.add_argument("--args-file", help="JSON list of pytest arguments (run.py writes it: "
+                    "the command itself travels on the guest's kernel command line)")
     ap.add_argument("pytest_args", nargs="*")
     args = ap.parse_args()
+    if args.args_file:
+        with open(args.args_file) as f:
+            args.pytest_args += json.load(f)
     t0 = time.monotonic()
     rel = platform.release()
     say(f"started on {rel}")

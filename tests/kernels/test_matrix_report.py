@@ -84,3 +84,14 @@ def test_progress_counts_when_the_guest_was_stopped(tmp_path):
     assert counts == {"passed": 1, "failed": 1, "errors": 0, "skipped": 1}
     assert failures == [{"test": "a::bad", "kind": "failure", "message": "AssertionError: boom"}]
     assert skips[0]["message"] == "Skipped: needs 5.15"
+
+
+def test_parallelism_defaults_to_one_guest_per_kernel_within_memory(monkeypatch):
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 2)
+    pages = {"SC_PAGE_SIZE": 4096, "SC_AVPHYS_PAGES": (8 << 30) // 4096}   # 8 GiB free
+    monkeypatch.setattr(run.os, "sysconf", lambda name: pages[name])
+    assert run.parallelism(3, 0, 0, "3G") == (2, 1)     # 8 GiB - 1 GiB spare: two 3G guests
+    assert run.parallelism(3, 0, 0, "2G") == (3, 1)
+    assert run.parallelism(1, 0, 0, "3G") == (1, 2)     # make kernels-ci: one guest, 2 vCPUs
+    assert run.parallelism(3, 1, 0, "3G") == (1, 2)     # given: kept
+    assert run.parallelism(3, 3, 2, "3G") == (3, 2)
