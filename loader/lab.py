@@ -129,9 +129,11 @@ class Lab:
                               preexec_fn=self._preexec(in_cgroup), timeout=timeout,
                               env=self.env(), check=check)
 
-    def wait_listening(self, port, ns=None, proc=None, timeout=10.0):
+    def wait_listening(self, port, ns=None, proc=None, timeout=60.0):
         """Wait until something listens on TCP port in the netns (read from the kernel's
-        socket table, so no connection is made that a proxy could mistake for traffic)."""
+        socket table, so no connection is made that a proxy could mistake for traffic).
+        The limit is generous: HAProxy took over 10 s to start in an emulated guest (make
+        kernels, three guests on two cores); waiting costs nothing when it is up sooner."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:

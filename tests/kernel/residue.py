@@ -45,7 +45,7 @@ def cgroup_attachments(cgroup):
     return out
 
 
-def wait_back_to(before, timeout=15.0):
+def wait_back_to(before, timeout=60.0):
     """Poll until links, programs and maps are exactly those of `before` (the kernel frees
     programs and maps asynchronously after the last reference goes). Returns the diff."""
     deadline = time.monotonic() + timeout

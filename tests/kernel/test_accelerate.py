@@ -34,7 +34,7 @@ def status(lab):
     return json.loads(r.stdout)[0]
 
 
-def wait_status(lab, pred, timeout=10.0):
+def wait_status(lab, pred, timeout=60.0):
     """Poll status until pred(status) holds (sockets leave tp_accel as the kernel closes
     them, a moment after the processes did)."""
     deadline = time.monotonic() + timeout

@@ -11,7 +11,7 @@ from .conftest import DP_UID, install, reached
 from .test_churn import tracked, wait_tracked
 
 
-def wait_for_line(path, timeout=10.0):
+def wait_for_line(path, timeout=60.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with open(path) as f:
