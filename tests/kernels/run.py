@@ -589,7 +589,14 @@ def one_run_at_a_time():
     except BlockingIOError:
         f.seek(0)
         say(f"another run is in progress ({f.read().strip() or 'pid unknown'}): waiting")
-        fcntl.flock(f, fcntl.LOCK_EX)
+        while True:   # polled, not a blocking flock: TERM/Ctrl-C must end the wait too
+            if STOP.wait(1):
+                raise SystemExit("kernels: stopped while waiting for the other run")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                continue
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
