@@ -1,10 +1,6 @@
 """Feature probes: load a tiny program for each hook the instance needs and see whether
 the verifier takes it. Nothing is attached; the programs and their maps go away with the
 BPF object."""
-import contextlib
-import os
-import sys
-
 from . import bpfsys
 
 _CONNECT = r"""
@@ -109,33 +105,18 @@ def build_features(results):
     return tuple(FEATURE_MACROS[f] for f, ok, _, _ in results if ok and f in FEATURE_MACROS)
 
 
-@contextlib.contextmanager
-def _stderr_silenced():
-    """libbcc writes the verifier's log to fd 2 when a load fails; a probe that fails on
-    an older kernel is an answer, not an error, and must not spill into install's output."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 def probe_hooks():
     """[(feature, ok, error (or a detail when ok), programs it enables)]; raises if BCC
     cannot compile at all."""
-    from bcc import BPF
-    from .programs import QUIET_CFLAGS
-    bpf = BPF(text=PROBE_SOURCE.encode(), cflags=QUIET_CFLAGS)
+    from .programs import QUIET_CFLAGS, bcc_compile, fd2_captured
+    bpf = bcc_compile(PROBE_SOURCE.encode(), QUIET_CFLAGS)
     results = []
     try:
         for feature, fn, ptype, atype, progs in PROBES:
             try:
-                with _stderr_silenced():
+                # libbcc writes the verifier's log to fd 2 when a load fails; a probe that
+                # fails on an older kernel is an answer, not an error for install's output.
+                with fd2_captured():
                     bpf.load_func(fn.encode(), ptype, attach_type=atype)
                 results.append((feature, True, "", progs))
             except Exception as e:   # BCC raises bare Exception for verifier refusals

@@ -4,9 +4,12 @@ BCC only rewrites map method calls (tp_conns.lookup(...)) in its main source tex
 included files, so the program files and their local headers are pasted into one text
 here (each header once, like an include guard) and handed to BCC as the main file.
 """
+import contextlib
 import dataclasses
 import os
 import re
+import sys
+import tempfile
 
 from . import bpfsys
 
@@ -60,10 +63,50 @@ PROGRAMS = (
 )
 
 
-# Newer kernels' headers carry attributes clang 14 (Debian 12's BCC) does not know; its
-# warnings about them (seen with 6.12's headers) are about the headers, not our code, and
-# would otherwise land in install's output.
-QUIET_CFLAGS = ["-Wno-ignored-attributes", "-Wno-unknown-attributes"]
+# Newer kernels' headers carry constructs clang 14 (Debian 12's BCC) warns about: unknown
+# attributes, and in 6.12 duplicate address-space specifiers (asm/current.h). Those are
+# about the headers, not our code; bcc_compile() below keeps whatever else they draw out of
+# install's and check's output.
+QUIET_CFLAGS = ["-Wno-ignored-attributes", "-Wno-unknown-attributes",
+                "-Wno-duplicate-decl-specifier"]
+OUR_TEXT = "/virtual/main.c:"   # where clang places the text BCC hands it
+
+
+@contextlib.contextmanager
+def fd2_captured():
+    """Everything written to fd 2 inside the block (libbcc and clang write there from C++,
+    past Python's sys.stderr) goes to a temporary file; yields a function that reads it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lambda: (tmp.seek(0), tmp.read().decode(errors="replace"))[1]
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def bcc_compile(text, cflags):
+    """bcc.BPF(text) without the kernel headers' warnings in our output. A diagnostic in our
+    own text is a bug of ours: it is passed on. A failed build raises with clang's first
+    error line, so the caller's one-line message names it."""
+    from bcc import BPF
+    with fd2_captured() as read:
+        try:
+            bpf = BPF(text=text, cflags=cflags)
+            failed = None
+        except Exception as e:   # BCC raises a bare Exception
+            failed = e
+        said = read()
+    ours = [line for line in said.splitlines() if line.startswith(OUR_TEXT)]
+    if failed is not None:
+        first = next((line for line in said.splitlines() if "error:" in line), None)
+        raise Exception(f"{first} ({str(failed).splitlines()[0]})" if first
+                        else str(failed)) from None
+    if ours:
+        sys.stderr.write(said)
+    return bpf
 
 
 def source(files=PROGRAM_FILES, bpf_dir=BPF_DIR):
@@ -88,9 +131,8 @@ def compile_programs(pin_dir, features=()):
     """Build every program with BCC; maps are opened at (or created and pinned under)
     pin_dir. features: probed kernel features, each a -D macro (TP_SOCKOPS_NETNS_COOKIE).
     Returns the bcc.BPF object."""
-    from bcc import BPF
     cflags = [f'-DTP_PIN_DIR="{pin_dir}"'] + [f"-D{f}" for f in features] + QUIET_CFLAGS
-    return BPF(text=source().encode(), cflags=cflags)
+    return bcc_compile(source().encode(), cflags)
 
 
 def load(bpf, prog):
