@@ -15,7 +15,9 @@ def test_a_clean_build_prints_nothing(capfd):
 def test_a_warning_in_our_own_text_is_passed_on(capfd):
     programs.bcc_compile(b"int f(void *ctx) { int a = 1 / 0; return 0; }", [])
     err = capfd.readouterr().err
-    assert err.startswith(programs.OUR_TEXT) and "division by zero" in err
+    # all of clang's output then, the kernel headers' warnings too (6.12 has some)
+    assert any(line.startswith(programs.OUR_TEXT) and "division by zero" in line
+               for line in err.splitlines()), err
 
 
 def test_a_failed_build_raises_with_the_first_error_line(capfd):
