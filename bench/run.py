@@ -1,7 +1,7 @@
 """make bench: our capture vs iptables vs no capture, side by side in one run, one lab.
 
     python bench/run.py [--reps 5] [--seconds 3] [--out bench/results]
-    python bench/run.py --publish bench/results/20261122-180102.json   # re-render only
+    python bench/run.py --publish bench/results/20261122-173911.json   # re-render only
 
 The same HAProxy (Debian's, as the DP user, beside the application in the cgroup) proxies
 every mode to the same nginx on the lab's remote host; wrk (Debian's) is the client:
