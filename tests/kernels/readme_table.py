@@ -53,7 +53,12 @@ def table(results):
     lines.append("| wall time | " + " | ".join(f"{r.get('wall_seconds', 0) / 60:.0f} min"
                                              for r in results) + " |")
     lines.append("| run on | " + " | ".join(r.get("date", "?") for r in results) + " |")
+    lines.append("| code | " + " | ".join(r.get("code") or "?" for r in results) + " |")
     notes = [f"- {r['series']}: {r['note']}" for r in results if r.get("note")]
+    for r in results:
+        if r.get("code") and r.get("code_at_end") and r["code_at_end"] != r["code"]:
+            notes.append(f"- {r['series']}: the work tree changed during the run "
+                         f"({r['code']} at the start, {r['code_at_end']} at the end)")
     for r in results:
         for f in r.get("failures") or []:
             msg = " ".join(str(f.get("message", "")).split())[:240]

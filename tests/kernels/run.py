@@ -563,6 +563,7 @@ def write_summary(results):
              "Tests run (a timeout or stop: counts of the tests that finished before it):", ""]
     lines += [f"- {r['series']}: `{' '.join(r.get('selection') or r.get('pytest_args') or [])}`"
               f"{' (stopped at the time limit)' if r.get('timed_out') else ''}"
+              f"{', code ' + r['code'] if r.get('code') else ''}"
               f"{' ' + r['note'] if r.get('note') else ''}" for r in order]
     lines += ["", "## Features (`ebpf-tproxy check` in the guest)", "",
               md_table(feature_rows(order)), ""]
@@ -576,6 +577,17 @@ def write_summary(results):
                       r["problem"].rstrip(), "```", ""]
     with open(os.path.join(RESULTS, "summary.md"), "w") as f:
         f.write("\n".join(lines))
+
+
+def code_version():
+    """The project's commit, "-dirty" when the work tree differs from it: what the guests
+    ran (they see the work tree itself, over 9p). None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "-C", PROJECT, "describe", "--always", "--dirty",
+                              "--abbrev=7"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 def one_run_at_a_time():
@@ -632,7 +644,7 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float,
                     default=float(os.environ.get("KERNEL_TIMEOUT", 150)),
                     help="minutes per kernel before the guest is stopped (default 150; the "
-                    "whole suite took about 60 min with three guests on two cores)")
+                    "whole suite took about 2 h per kernel with three guests on two cores)")
     ap.add_argument("--test-timeout", type=int, default=900,
                     help="pytest-timeout per test in the guest, seconds (default 900: TCG "
                     "is 10-30 times slower than the host; pyproject's 300 is for hosts)")
@@ -677,6 +689,7 @@ def main(argv=None):
     pytest_args = args.tests.split() + list(args.pytest_args)
     args.jobs, args.cpus = parallelism(len(kernels), args.jobs, args.cpus, args.memory)
     say(f"{args.jobs} guest(s) at once, {args.cpus} vCPU(s) each")
+    code = code_version()
     # The guest cannot write __pycache__ (read-only view of the host), and compiling the
     # project's modules at every process start is slow under TCG: compile them here.
     subprocess.run([sys.executable, "-m", "compileall", "-q", "-j0", "loader", "tests"],
@@ -696,6 +709,8 @@ def main(argv=None):
         r["stopped"] = STOP.is_set()
         r["selection"] = pytest_args
         r["jobs"], r["cpus"] = args.jobs, args.cpus
+        # The guests read the work tree live: an edit during the run shows as a change.
+        r["code"], r["code_at_end"] = code, code_version()
         os.makedirs(RESULTS, exist_ok=True)
         with open(os.path.join(RESULTS, f"{k.series}.json"), "w") as f:
             json.dump(r, f, indent=2)

@@ -95,3 +95,32 @@ def test_parallelism_defaults_to_one_guest_per_kernel_within_memory(monkeypatch)
     assert run.parallelism(1, 0, 0, "3G") == (1, 2)     # make kernels-ci: one guest, 2 vCPUs
     assert run.parallelism(3, 1, 0, "3G") == (1, 2)     # given: kept
     assert run.parallelism(3, 3, 2, "3G") == (3, 2)
+
+
+def test_code_version_names_the_commit_and_a_changed_tree(tmp_path, monkeypatch):
+    import subprocess
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    (tmp_path / "f").write_text("1")
+    subprocess.run(git + ["add", "f"], check=True)
+    subprocess.run(git + ["commit", "-qm", "c"], check=True)
+    head = subprocess.run(git + ["rev-parse", "--short=7", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    monkeypatch.setattr(run, "PROJECT", str(tmp_path))
+    assert run.code_version() == head
+    (tmp_path / "f").write_text("2")       # what a guest would read over 9p mid-run
+    assert run.code_version() == head + "-dirty"
+    monkeypatch.setattr(run, "PROJECT", str(tmp_path / "not-a-checkout"))
+    assert run.code_version() is None
+
+
+def test_readme_table_shows_the_code_and_a_tree_changed_mid_run():
+    from tests.kernels import readme_table
+    same, changed = result("6.1"), result("5.10")
+    same.update(code="abc1234", code_at_end="abc1234", date="2026-11-22")
+    changed.update(code="abc1234", code_at_end="def5678-dirty", date="2026-11-22")
+    md = readme_table.table([same, changed])
+    assert "| code | abc1234 | abc1234 |" in md
+    assert md.count("the work tree changed during the run") == 1
+    assert "- 5.10: the work tree changed during the run (abc1234 at the start, " \
+        "def5678-dirty at the end)" in md
