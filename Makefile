@@ -30,7 +30,8 @@ differential: setup
 
 # The kernel tests under Debian's 5.10, 6.1 and 6.12 kernels, booted under qemu (TCG) with
 # this host's root filesystem (tests/kernels/run.py; KERNELS=6.1 for one). Under emulation a
-# test takes ~25 s, so the whole matrix takes hours; README has the last table.
+# test takes 25-60 s: the whole matrix, three guests side by side, takes over two hours;
+# README has the last table.
 kernels: setup
 	@bash scripts/setup.sh kernels
 	$(PY) tests/kernels/run.py; rc=$$?; $(PY) tests/kernels/readme_table.py >/dev/null; exit $$rc

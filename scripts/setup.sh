@@ -12,7 +12,7 @@ if ! command -v apt-get >/dev/null && command -v dnf >/dev/null; then
   # Fedora (the Vagrant lab's fedora VM): the same tools under Fedora's names; the
   # kernel-devel package of the running kernel gives BCC its headers.
   PKGS=(bcc python3-bcc bpftool libbpf iptables-nft iproute util-linux haproxy curl bind-utils
-        make "kernel-devel-$rel")
+        make)
   missing=()
   for p in "${PKGS[@]}"; do rpm -q "$p" >/dev/null 2>&1 || missing+=("$p"); done
   if [ ${#missing[@]} -gt 0 ]; then
@@ -20,11 +20,29 @@ if ! command -v apt-get >/dev/null && command -v dnf >/dev/null; then
     say "installing ${missing[*]}"
     dnf install -y -q "${missing[@]}" >/dev/null
   fi
+  if [ ! -e "/lib/modules/$rel/build/Makefile" ]; then
+    [ "$(id -u)" -eq 0 ] || { say "missing package: kernel-devel-$rel; run make setup as root"; exit 1; }
+    # A box older than its repositories runs a kernel whose kernel-devel is gone from
+    # them: then the newest kernel-devel, linked (as on Debian below, skew is harmless).
+    if ! dnf install -y -q "kernel-devel-$rel" >/dev/null 2>&1; then
+      dnf install -y -q kernel-devel >/dev/null
+      dir=$( (ls -d /usr/src/kernels/* 2>/dev/null || true) | sort -V | tail -n 1)
+      [ -n "$dir" ] || { say "no kernel headers under /usr/src/kernels; install kernel-devel-$rel"; exit 1; }
+      mkdir -p "/lib/modules/$rel"
+      ln -sfn "$dir" "/lib/modules/$rel/build"
+      ln -sfn "$dir" "/lib/modules/$rel/source"
+      say "warning: no kernel-devel package for kernel $rel; linked $(basename "$dir") for BCC"
+    fi
+  fi
 else
 # Debian 12 names; Ubuntu 22.04 (the Vagrant lab) has libbpf0, and bpftool in linux-tools.
 has_pkg() { apt-cache show "$1" >/dev/null 2>&1; }
-# (Switch only when the other name is known and ours is not: with empty package lists
-# before the first apt-get update, the Debian names stand.)
+# The names are chosen from the package lists, which a fresh box (the Vagrant lab) may not
+# have yet: fetch them first then. (Switch only when the other name is known and ours is
+# not: without lists, e.g. offline and not root, the Debian names stand.)
+if [ "$(id -u)" -eq 0 ] && ! has_pkg python3-bpfcc; then
+  apt-get update -qq >/dev/null 2>&1 || true
+fi
 LIBBPF=libbpf1
 if ! has_pkg libbpf1 && has_pkg libbpf0; then LIBBPF=libbpf0; fi
 BPFTOOL=(bpftool)
