@@ -30,7 +30,7 @@ differential: setup
 
 # The kernel tests under Debian's 5.10, 6.1 and 6.12 kernels, booted under qemu (TCG) with
 # this host's root filesystem (tests/kernels/run.py; KERNELS=6.1 for one). Under emulation a
-# test takes 25-60 s: the whole matrix, three guests side by side, takes over two hours;
+# test takes 25-60 s: the whole matrix, three guests side by side, takes about two hours;
 # README has the last table.
 kernels: setup
 	@bash scripts/setup.sh kernels

@@ -54,15 +54,18 @@ def table(results):
                                              for r in results) + " |")
     lines.append("| run on | " + " | ".join(r.get("date", "?") for r in results) + " |")
     lines.append("| code | " + " | ".join(r.get("code") or "?" for r in results) + " |")
-    notes = [f"- {r['series']}: {r['note']}" for r in results if r.get("note")]
+    notes = {}    # text -> the series it applies to: a note shared by several is written once
     for r in results:
+        said = [r.get("note")]
         if r.get("code") and r.get("code_at_end") and r["code_at_end"] != r["code"]:
-            notes.append(f"- {r['series']}: the work tree changed during the run "
-                         f"({r['code']} at the start, {r['code_at_end']} at the end)")
-    for r in results:
+            said.append(f"the work tree changed during the run ({r['code']} at the start, "
+                        f"{r['code_at_end']} at the end)")
         for f in r.get("failures") or []:
             msg = " ".join(str(f.get("message", "")).split())[:240]
-            notes.append(f"- {r['series']}: failed `{f.get('test')}`: {msg}")
+            said.append(f"failed `{f.get('test')}`: {msg}")
+        for text in filter(None, said):
+            notes.setdefault(text, []).append(r["series"])
+    notes = [f"- {', '.join(series)}: {text}" for text, series in notes.items()]
     return "\n".join(lines + ([""] + notes if notes else []))
 
 

@@ -620,7 +620,7 @@ def parallelism(n_kernels, jobs, cpus, memory):
     """(guests at once, vCPUs each). A guest spends most of its time in one single-threaded
     process (clang inside BCC compiling an install, ~15 s under TCG), so one guest per
     kernel even beyond one per core wins: on 2 cores three 1-vCPU guests ran the whole
-    suite on 5.10, 6.1 and 6.12 in 2-2.25 h, where one after the other (2 vCPUs each)
+    suite on 5.10, 6.1 and 6.12 in about 2 h, where one after the other (2 vCPUs each)
     was estimated at 60-75 min per kernel. Memory bounds it: each guest holds --memory."""
     if jobs <= 0:
         avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

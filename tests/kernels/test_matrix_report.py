@@ -124,3 +124,15 @@ def test_readme_table_shows_the_code_and_a_tree_changed_mid_run():
     assert md.count("the work tree changed during the run") == 1
     assert "- 5.10: the work tree changed during the run (abc1234 at the start, " \
         "def5678-dirty at the end)" in md
+
+
+def test_readme_table_writes_a_note_shared_by_kernels_once():
+    from tests.kernels import readme_table
+    rs = [result(s) for s in ("6.12", "5.10", "6.1")]
+    for r in rs:
+        r.update(note="three guests side by side", date="2026-11-22")
+    rs[0].update(ok=False, failures=[{"test": "t::x", "kind": "failure", "message": "boom"}])
+    md = readme_table.table(rs)
+    assert "- 5.10, 6.1, 6.12: three guests side by side" in md
+    assert md.count("three guests side by side") == 1
+    assert "- 6.12: failed `t::x`: boom" in md
