@@ -286,7 +286,7 @@ def install(**kw):
           --ebpf-cgroup-path /sys/fs/cgroup/unified/app \\
           --exclude-outbound-ports 22 --exclude-outbound-ips 10.0.0.0/8
       ebpf-tproxy install --config tproxy.yaml --dry-run --explain
-      nsenter --net=/run/netns/pod1 ebpf-tproxy install --redirect-dns \
+      nsenter --net=/run/netns/pod1 ebpf-tproxy install --redirect-dns \\
           --ebpf-cgroup-path /sys/fs/cgroup/unified/pod1 --name pod1
     """
     try:
