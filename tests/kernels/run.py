@@ -581,13 +581,22 @@ def write_summary(results):
 
 def code_version():
     """The project's commit, "-dirty" when the work tree differs from it: what the guests
-    ran (they see the work tree itself, over 9p). None outside a git checkout."""
+    ran (they see the work tree itself, over 9p). None outside a git checkout. The files
+    this run writes itself (results/, README's table) do not count: with guests side by
+    side, the first kernel's results are written while the others still run."""
+    def git(*a):
+        out = subprocess.run(["git", "-C", PROJECT, *a], capture_output=True, text=True,
+                             timeout=30)
+        return out.stdout.strip() if out.returncode == 0 else None
     try:
-        out = subprocess.run(["git", "-C", PROJECT, "describe", "--always", "--dirty",
-                              "--abbrev=7"], capture_output=True, text=True, timeout=30)
+        head = git("rev-parse", "--short=7", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                      ":(exclude)tests/kernels/results", ":(exclude)README.md")
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
+    if not head:
+        return None
+    return head + "-dirty" if changed else head
 
 
 def one_run_at_a_time():
