@@ -104,10 +104,12 @@ def test_code_version_names_the_commit_and_a_changed_tree(tmp_path, monkeypatch)
     (tmp_path / "f").write_text("1")
     subprocess.run(git + ["add", "f"], check=True)
     subprocess.run(git + ["commit", "-qm", "c"], check=True)
-    head = subprocess.run(git + ["rev-parse", "--short=7", "HEAD"], check=True,
-                          capture_output=True, text=True).stdout.strip()
+
+    def head():
+        return subprocess.run(git + ["rev-parse", "--short=7", "HEAD"], check=True,
+                              capture_output=True, text=True).stdout.strip()
     monkeypatch.setattr(run, "PROJECT", str(tmp_path))
-    assert run.code_version() == head
+    assert run.code_version() == head()
     # The run's own output (a first kernel's results while others still run) is no change.
     results = tmp_path / "tests" / "kernels" / "results"
     results.mkdir(parents=True)
@@ -115,13 +117,11 @@ def test_code_version_names_the_commit_and_a_changed_tree(tmp_path, monkeypatch)
     (tmp_path / "README.md").write_text("table")
     subprocess.run(git + ["add", "."], check=True)
     subprocess.run(git + ["commit", "-qm", "results"], check=True)
-    head = subprocess.run(git + ["rev-parse", "--short=7", "HEAD"], check=True,
-                          capture_output=True, text=True).stdout.strip()
     (results / "6.1.json").write_text('{"series": "6.1"}')
     (tmp_path / "README.md").write_text("new table")
-    assert run.code_version() == head
+    assert run.code_version() == head()
     (tmp_path / "f").write_text("2")       # what a guest would read over 9p mid-run
-    assert run.code_version() == head + "-dirty"
+    assert run.code_version() == head() + "-dirty"
     monkeypatch.setattr(run, "PROJECT", str(tmp_path / "not-a-checkout"))
     assert run.code_version() is None
 
