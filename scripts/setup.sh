@@ -7,6 +7,15 @@ cd "$(dirname "$0")/.."
 
 say() { printf 'setup: %s\n' "$*"; }
 
+# No headers package for the running kernel: BCC gets another version's headers (it only
+# needs them to compile; our programs use UAPI structures, so version skew is harmless).
+link_headers() {   # <build dir> <source dir>
+  mkdir -p "/lib/modules/$rel"
+  ln -sfn "$1" "/lib/modules/$rel/build"
+  ln -sfn "$2" "/lib/modules/$rel/source"
+  say "warning: no headers package for kernel $rel; linked $(basename "$1") for BCC"
+}
+
 rel=$(uname -r)
 if ! command -v apt-get >/dev/null && command -v dnf >/dev/null; then
   # Fedora (the Vagrant lab's fedora VM): the same tools under Fedora's names; the
@@ -23,15 +32,12 @@ if ! command -v apt-get >/dev/null && command -v dnf >/dev/null; then
   if [ ! -e "/lib/modules/$rel/build/Makefile" ]; then
     [ "$(id -u)" -eq 0 ] || { say "missing package: kernel-devel-$rel; run make setup as root"; exit 1; }
     # A box older than its repositories runs a kernel whose kernel-devel is gone from
-    # them: then the newest kernel-devel, linked (as on Debian below, skew is harmless).
+    # them: then the newest kernel-devel, linked.
     if ! dnf install -y -q "kernel-devel-$rel" >/dev/null 2>&1; then
       dnf install -y -q kernel-devel >/dev/null
       dir=$( (ls -d /usr/src/kernels/* 2>/dev/null || true) | sort -V | tail -n 1)
       [ -n "$dir" ] || { say "no kernel headers under /usr/src/kernels; install kernel-devel-$rel"; exit 1; }
-      mkdir -p "/lib/modules/$rel"
-      ln -sfn "$dir" "/lib/modules/$rel/build"
-      ln -sfn "$dir" "/lib/modules/$rel/source"
-      say "warning: no kernel-devel package for kernel $rel; linked $(basename "$dir") for BCC"
+      link_headers "$dir" "$dir"
     fi
   fi
 else
@@ -93,17 +99,13 @@ if [ ! -e "/lib/modules/$rel/build/Makefile" ] && [ -n "$hdr_pkg" ]; then
   if [ "$hdr_pkg" = "linux-headers-$rel" ]; then
     : # the package put them in place
   else
-    # No headers for this exact kernel: use the distribution's default ones. BCC only
-    # needs them to compile; our programs use UAPI structures, so version skew is harmless.
+    # No headers for this exact kernel: use the distribution's default ones.
     arch_dir=$( (ls -d /usr/src/linux-headers-*-amd64 /usr/src/linux-headers-*-arm64 2>/dev/null || true) | sort -V | tail -n 1)
     common_dir=$( (ls -d /usr/src/linux-headers-*-common 2>/dev/null || true) | sort -V | tail -n 1)
     if [ -z "$arch_dir" ] || [ -z "$common_dir" ]; then
       say "no kernel headers found under /usr/src; install linux-headers-$rel"; exit 1
     fi
-    mkdir -p "/lib/modules/$rel"
-    ln -sfn "$arch_dir" "/lib/modules/$rel/build"
-    ln -sfn "$common_dir" "/lib/modules/$rel/source"
-    say "warning: no headers package for kernel $rel; linked $(basename "$arch_dir") for BCC"
+    link_headers "$arch_dir" "$common_dir"
   fi
 fi
 
