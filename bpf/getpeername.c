@@ -6,13 +6,30 @@
  */
 #include "tproxy_helpers.h"
 
-int getpeername4(struct bpf_sock_addr *ctx)
+/* The original destination connect4/6 kept for this socket, if it is one of ours. */
+static __always_inline struct tp_orig_dst *tp_peer_orig(struct bpf_sock_addr *ctx)
 {
 	struct tp_orig_dst *o;
+	struct tp_config *cfg;
+	u8 gen;
 
 	if (!ctx->sk)
-		return 1;
+		return NULL;
 	o = tp_sk_orig.sk_storage_get(ctx->sk, 0, 0);
+	if (!o)
+		return NULL;
+	/* Only connect4/6 of this instance write tp_sk_orig, and only in its namespace; the
+	 * check is kept so that every hook scopes alike. */
+	cfg = tp_active_config(&gen);
+	if (!cfg || !tp_sock_addr_in_netns(ctx, cfg))
+		return NULL;
+	return o;
+}
+
+int getpeername4(struct bpf_sock_addr *ctx)
+{
+	struct tp_orig_dst *o = tp_peer_orig(ctx);
+
 	if (!o || o->family != TP_AF_INET)
 		return 1;
 	tp_ctx_set4(ctx, o->addr, o->port);
@@ -22,11 +39,8 @@ int getpeername4(struct bpf_sock_addr *ctx)
 
 int getpeername6(struct bpf_sock_addr *ctx)
 {
-	struct tp_orig_dst *o;
+	struct tp_orig_dst *o = tp_peer_orig(ctx);
 
-	if (!ctx->sk)
-		return 1;
-	o = tp_sk_orig.sk_storage_get(ctx->sk, 0, 0);
 	if (!o)
 		return 1;
 	/* An AF_INET6 socket that dialed ::ffff:a.b.c.d gets the mapped address back. */

@@ -12,11 +12,34 @@
  */
 #include "tproxy_inbound.h"
 
+/* A live listener of the family on the inbound port, or NULL. Any member of a
+ * SO_REUSEPORT group will do: the kernel applies the group's own selection to the socket
+ * assigned (sk_assign without BPF_SK_LOOKUP_F_NO_REUSEPORT), so connections spread over
+ * every worker's listener as they would without us. A listener registered for another
+ * inbound port (before an upgrade changed it) is not the proxy's listener any more. */
+static __always_inline struct bpf_sock *tp_listener_for(u32 family, u16 port)
+{
+	struct bpf_sock *sk;
+	u32 i, key;
+
+#pragma unroll
+	for (i = 0; i < TP_LISTENER_SLOTS; i++) {
+		key = family * TP_LISTENER_SLOTS + i;
+		sk = (struct bpf_sock *)tp_listeners.lookup(&key);
+		if (!sk)
+			continue;
+		if (sk->src_port == port)
+			return sk;
+		bpf_sk_release(sk);
+	}
+	return NULL;
+}
+
 int sk_lookup_inbound(struct bpf_sk_lookup *ctx)
 {
 	struct tp_config *cfg;
 	struct bpf_sock *sk;
-	u32 reason = 0, key;
+	u32 reason = 0;
 	u8 remote[16];
 	u8 gen = 0;
 	long err;
@@ -35,18 +58,10 @@ int sk_lookup_inbound(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 	}
 	/* An AF_INET6 listener that is not V6ONLY takes IPv4 too (Envoy's [::]:15006). */
-	key = ctx->family == TP_AF_INET ? TP_LISTENER_V4 : TP_LISTENER_V6;
-	sk = (struct bpf_sock *)tp_listeners.lookup(&key);
-	if (!sk && ctx->family == TP_AF_INET) {
-		key = TP_LISTENER_V6;
-		sk = (struct bpf_sock *)tp_listeners.lookup(&key);
-	}
-	/* A listener registered for another inbound port (before an upgrade changed it)
-	 * is not the proxy's listener any more. */
-	if (sk && sk->src_port != cfg->inbound_port) {
-		bpf_sk_release(sk);
-		sk = NULL;
-	}
+	sk = tp_listener_for(ctx->family == TP_AF_INET ? TP_LISTENER_V4 : TP_LISTENER_V6,
+			     cfg->inbound_port);
+	if (!sk && ctx->family == TP_AF_INET)
+		sk = tp_listener_for(TP_LISTENER_V6, cfg->inbound_port);
 	if (!sk) {
 		/* No proxy: refuse (SK_DROP ends the lookup with no socket, so the client
 		 * gets a RST), as iptables' REDIRECT to a closed port would. Never deliver the

@@ -17,11 +17,16 @@
 
 /* Layout version: part of the pin directory, so an incompatible loader never reuses the
  * maps of an older one by accident. Bump it when any struct below changes. */
-#define TP_ABI_VERSION 2
+#define TP_ABI_VERSION 3
 
 #define TP_MAX_UID_RULES 32      /* --exclude-outbound-ports-for-uids entries */
 #define TP_MAX_PORT_RANGES 16    /* port ranges in one such entry */
-#define TP_CONN_MAX 262144       /* live captured connections tracked at once */
+/* Redirected connections between connect() and the proxy's end existing at once (the
+ * table only spans the handshake). The loader may build it smaller (-DTP_CONN_MAX), which
+ * the tests do to show what a full table does. */
+#ifndef TP_CONN_MAX
+#define TP_CONN_MAX 262144
+#endif
 #define TP_SO_ORIGINAL_DST 80    /* SO_ORIGINAL_DST and IP6T_SO_ORIGINAL_DST */
 
 /* tp_config.flags */
@@ -44,9 +49,12 @@
 #define TP_CIDR_EXCLUDE_IN 3     /* --exclude-inbound-ips (source addresses) */
 #define TP_CIDR_DNS_SERVER 4     /* nameservers of resolv.conf (redirect.dns.resolvConfigPath) */
 
-/* Keys of tp_listeners: the proxy's listening sockets on the inbound port. */
-#define TP_LISTENER_V4 0         /* AF_INET listener (0.0.0.0 or an address) */
-#define TP_LISTENER_V6 1         /* AF_INET6 listener; serves IPv4 too unless V6ONLY */
+/* Keys of tp_listeners: the proxy's listening sockets on the inbound port, in slots per
+ * family: key = family * TP_LISTENER_SLOTS + slot. Envoy opens one SO_REUSEPORT listener
+ * per worker; each takes a slot, so the group stays reachable while any member lives. */
+#define TP_LISTENER_V4 0         /* AF_INET listeners (0.0.0.0 or an address) */
+#define TP_LISTENER_V6 1         /* AF_INET6 listeners; serve IPv4 too unless V6ONLY */
+#define TP_LISTENER_SLOTS 16
 
 /* Acceleration (--ebpf-accelerate). Sockets in tp_accel at most: two per connection, so
  * 32,768 accelerated connections at once; beyond that a connection simply stays on TCP. */
@@ -62,6 +70,10 @@
 #define TP_A_MSG_REDIRECTED 2    /* a sendmsg went socket to socket */
 #define TP_A_MSG_TCP 3           /* the peer socket was not there: TCP from then on */
 #define TP_A_COUNT 4
+
+/* tp_answer.kind: what SO_ORIGINAL_DST answers on a proxy's accepted socket. */
+#define TP_ANSWER_OUTBOUND 1     /* a connection connect4/6 redirected: its original dst */
+#define TP_ANSWER_INBOUND 2      /* a connection sk_lookup steered: the address dialed */
 
 /* tp_uid_rule.protos */
 #define TP_PROTO_TCP 0x1
@@ -81,11 +93,12 @@
 #define TP_R_LOOPBACK 10          /* rule 4g: destination 127.0.0.1 / ::1 */
 #define TP_R_NOT_INCLUDED 11      /* rule 4h: includePorts set, port not in it */
 #define TP_R_REDIRECT_OUT 12      /* rule 4h: -> outbound port */
-#define TP_R_ORIG_DST_ANSWERED 13 /* getsockopt(SO_ORIGINAL_DST) answered from tp_conns */
-#define TP_R_ORIG_DST_MISSED 14   /* SO_ORIGINAL_DST asked, no entry and no kernel answer */
-#define TP_R_CONN_TRACKED 15      /* a redirected connection was established and recorded */
-#define TP_R_CONN_TRACK_FAILED 16 /* tp_conns full: SO_ORIGINAL_DST will miss for it */
-#define TP_R_CONN_RELEASED 17     /* both ends of a tracked connection closed */
+#define TP_R_ORIG_DST_ANSWERED 13 /* getsockopt(SO_ORIGINAL_DST) answered (outbound) */
+#define TP_R_ORIG_DST_MISSED 14   /* SO_ORIGINAL_DST asked, nothing recorded, no kernel answer */
+#define TP_R_CONN_TRACKED 15      /* a redirected connection was recorded at its SYN */
+#define TP_R_CONN_TRACK_FAILED 16 /* tp_conns full: SO_ORIGINAL_DST fails for it, loudly */
+#define TP_R_CONN_RELEASED 17     /* an entry left tp_conns: handed to the proxy's socket, or
+				   * the application's end closed first */
 #define TP_R_PEERNAME_RESTORED 18 /* getpeername() showed the original destination */
 #define TP_R_NO_STORAGE 19        /* sk_storage full: connection left direct, not half-captured */
 #define TP_R_IN_OFF 20            /* inbound: redirect.inbound.enabled=false */
@@ -103,7 +116,10 @@
 #define TP_R_DNS_NOT_REDIRECTABLE 32 /* UDP 53 to a link-local (or mapped) server via sendmsg6 */
 #define TP_R_DNS_REPLY_RESTORED 33 /* a DNS reply's source shown as the server queried */
 #define TP_R_IN_LISTENER_FAILED 34 /* the proxy's listener could not be put in tp_listeners */
-#define TP_R_COUNT 35
+#define TP_R_ORIG_DST_REFUSED 35  /* nothing recorded, and conntrack's answer was the proxy's
+				   * own address (a loop): refused with EPERM */
+#define TP_R_CONN_REPLACED 36     /* a stale tp_conns entry under the same key was replaced */
+#define TP_R_COUNT 37
 
 struct tp_config {
 	__u32 flags;            /* TP_F_* */
@@ -157,12 +173,15 @@ struct tp_orig_dst {
 	__u16 family;           /* AF_INET or AF_INET6: the answer's sockaddr family */
 };
 
-/* A connection as the application's socket sees it: the key of tp_conns. */
+/* A connection as the application's socket sees it, in its network namespace: the key
+ * of tp_conns. Loopback 4-tuples repeat across namespaces; the cookie keeps them apart. */
 struct tp_conn_key {
+	__u64 netns_cookie;
 	__u8 app_addr[16];
 	__u8 proxy_addr[16];
 	__u16 app_port;
 	__u16 proxy_port;
+	__u32 pad;              /* explicit: hash keys compare every byte */
 };
 
 /* One socket as it sees its connection: the key of tp_accel. The peer socket's key is the
@@ -174,10 +193,16 @@ struct tp_sock_key {
 	__u16 remote_port;
 };
 
+/* A redirected connection from the application's SYN until the proxy's end exists. */
 struct tp_conn {
 	struct tp_orig_dst orig;
-	__u32 closed;           /* ends (application, proxy) that have closed */
-	__u32 proxy_seen;       /* the proxy's end exists (PASSIVE_ESTABLISHED ran for it) */
+};
+
+/* What getsockopt(SO_ORIGINAL_DST) answers on a proxy's accepted socket: kept with that
+ * socket (sk_storage), so it lives exactly as long as the socket that can ask. */
+struct tp_answer {
+	struct tp_orig_dst orig;
+	__u32 kind;             /* TP_ANSWER_* */
 };
 
 /* The instance's description, as JSON written by the loader (status reads it back). */

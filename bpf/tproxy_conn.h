@@ -1,24 +1,45 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * tproxy_conn.h - building tp_conns keys. A connection is keyed as the application's
- * socket sees it (its own address and port, the proxy's address and port); the proxy's
- * accepted socket sees the same four values the other way round.
+ * socket sees it (its own address and port, the proxy's address and port) in its network
+ * namespace; the proxy's accepted socket sees the same four values the other way round, in
+ * the same namespace (loopback never leaves it).
  */
 #ifndef TPROXY_CONN_H
 #define TPROXY_CONN_H
 
 #include "tproxy_helpers.h"
 
+/* The network namespace of a sock_ops socket. bpf_get_netns_cookie() exists in sock_ops
+ * from 5.15 (the loader probes it); before that the instance's own cookie stands in, which
+ * is right for every socket connect4/6 redirected (they checked it) and for their proxy
+ * (loopback connections stay in one namespace). */
+static __always_inline u64 tp_sockops_netns(struct bpf_sock_ops *skops,
+					    const struct tp_config *cfg)
+{
+#ifdef TP_SOCKOPS_NETNS_COOKIE
+	return bpf_get_netns_cookie(skops);
+#else
+	return cfg->netns_cookie;
+#endif
+}
+
 /* From a struct bpf_sock_ops: local/remote; swap for the passive (proxy) end. */
 static __always_inline void tp_key_from_sockops(struct tp_conn_key *k,
-						struct bpf_sock_ops *skops, int proxy_end)
+						struct bpf_sock_ops *skops, int proxy_end,
+						u64 netns)
 {
 	u8 *local = proxy_end ? k->proxy_addr : k->app_addr;
 	u8 *remote = proxy_end ? k->app_addr : k->proxy_addr;
 	u16 lport = (u16)skops->local_port;
 	u16 rport = (u16)bpf_ntohl(skops->remote_port);
 
-	if (skops->family == TP_AF_INET) {
+	k->netns_cookie = netns;
+	/* An AF_INET6 socket on a v4-mapped connection: at TCP_CONNECT_CB (inside
+	 * tcp_v4_connect) its IPv6 source may not be filled in yet, the IPv4 fields are. */
+	if (skops->family == TP_AF_INET ||
+	    (TP_CTX_U32(skops->remote_ip6[0]) == 0 && TP_CTX_U32(skops->remote_ip6[1]) == 0 &&
+	     TP_CTX_U32(skops->remote_ip6[2]) == bpf_htonl(0x0000ffff))) {
 		tp_addr_from_ip4(local, skops->local_ip4);
 		tp_addr_from_ip4(remote, skops->remote_ip4);
 	} else {
@@ -27,20 +48,6 @@ static __always_inline void tp_key_from_sockops(struct tp_conn_key *k,
 	}
 	k->app_port = proxy_end ? rport : lport;
 	k->proxy_port = proxy_end ? lport : rport;
-}
-
-/* From the proxy's accepted socket as getsockopt sees it (struct bpf_sock). */
-static __always_inline void tp_key_from_proxy_sock(struct tp_conn_key *k, struct bpf_sock *sk)
-{
-	if (sk->family == TP_AF_INET) {
-		tp_addr_from_ip4(k->proxy_addr, sk->src_ip4);
-		tp_addr_from_ip4(k->app_addr, sk->dst_ip4);
-	} else {
-		tp_addr_from_ctx_ip6(k->proxy_addr, sk->src_ip6);
-		tp_addr_from_ctx_ip6(k->app_addr, sk->dst_ip6);
-	}
-	k->proxy_port = (u16)sk->src_port;
-	k->app_port = bpf_ntohs(sk->dst_port);
 }
 
 #endif /* TPROXY_CONN_H */

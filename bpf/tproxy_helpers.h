@@ -39,6 +39,17 @@ static __always_inline struct tp_config *tp_active_config(u8 *gen)
 	return tp_config.lookup(&g);
 }
 
+/* Is a sock_addr program's socket in the instance's network namespace? cgroup hooks follow
+ * the cgroup, not the netns, so a socket of the cgroup made in another namespace is not the
+ * instance's to touch. bpf_get_netns_cookie() works in sock_addr programs from 5.7, and the
+ * loader learns its namespace's cookie on every kernel it supports; 0 (unknown) means every
+ * namespace, and install says so. */
+static __always_inline int tp_sock_addr_in_netns(struct bpf_sock_addr *ctx,
+						 const struct tp_config *cfg)
+{
+	return !cfg->netns_cookie || bpf_get_netns_cookie(ctx) == cfg->netns_cookie;
+}
+
 /* Context fields such as user_ip6[] and local_ip6[] allow only 4-byte loads; without the
  * volatile, clang merges two neighbouring words into one 8-byte load the verifier rejects
  * ("invalid bpf_context access"). */

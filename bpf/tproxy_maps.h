@@ -29,17 +29,21 @@ BPF_TABLE_PINNED("lpm_trie", struct tp_cidr_key, u8, tp_cidrs, 65536, TP_PIN(tp_
 /* Original destination of the application's own socket: freed with the socket. */
 BPF_TABLE_PINNED("sk_storage", int, struct tp_orig_dst, tp_sk_orig, 0, TP_PIN(tp_sk_orig),
 		 BPF_F_NO_PREALLOC);
-/* Original destination by connection, for the proxy's socket (a different socket, so
- * sk_storage cannot serve it). Deleted when both ends have closed; never LRU, so a live
- * connection's entry is never evicted. */
+/* Original destination by connection, from the application's SYN (sock_ops
+ * TCP_CONNECT_CB) until the proxy's end exists (PASSIVE_ESTABLISHED_CB), which moves it
+ * into tp_sk_answer: the only way across from one socket to the other, since the proxy's
+ * socket is a different socket. The application's close deletes an entry the proxy never
+ * took. Never LRU: a live entry is never evicted; a full table is counted and makes
+ * SO_ORIGINAL_DST fail, never answer wrong. */
 BPF_TABLE_PINNED("hash", struct tp_conn_key, struct tp_conn, tp_conns, TP_CONN_MAX,
 		 TP_PIN(tp_conns), BPF_F_NO_PREALLOC);
-/* Inbound connections the proxy accepted through sk_lookup: the socket's own local address
- * is the original destination (no NAT), so a mark is all getsockopt needs. */
-BPF_TABLE_PINNED("sk_storage", int, u32, tp_sk_inbound, 0, TP_PIN(tp_sk_inbound),
+/* SO_ORIGINAL_DST's answer on the proxy's accepted socket (outbound: copied from
+ * tp_conns; inbound: the address the client dialed), freed with that socket. */
+BPF_TABLE_PINNED("sk_storage", int, struct tp_answer, tp_sk_answer, 0, TP_PIN(tp_sk_answer),
 		 BPF_F_NO_PREALLOC);
 
-/* The proxy's listening sockets on the inbound port (TP_LISTENER_V4/V6), for sk_lookup.
+/* The proxy's listening sockets on the inbound port (TP_LISTENER_SLOTS per family), for
+ * sk_lookup.
  * BCC's BPF_SOCKMAP has sock_map_update() but no lookup(), and no pinning; this is the
  * same table declaration with both methods, pinned like the others. The kernel removes
  * an entry by itself when its socket closes, so a stopped proxy leaves no stale socket. */
@@ -53,7 +57,7 @@ struct tp_listeners_table_t {
 	int flags;
 };
 __attribute__((section("maps/sockmap:" TP_PIN(tp_listeners))))
-struct tp_listeners_table_t tp_listeners = { .max_entries = 2 };
+struct tp_listeners_table_t tp_listeners = { .max_entries = 2 * TP_LISTENER_SLOTS };
 
 /* --ebpf-accelerate: the application's redirected sockets and the proxy's sockets for them,
  * keyed by how each sees its connection (struct tp_sock_key), for sk_msg_accel. Same

@@ -49,7 +49,7 @@ static __always_inline enum tp_verdict tp_verdict(struct bpf_sock_addr *ctx,
 		return TP_DIRECT;
 	/* cgroup hooks follow the cgroup, not the netns: a socket of this cgroup made in
 	 * another network namespace is not the instance's to touch. */
-	if (cfg->netns_cookie && bpf_get_netns_cookie(ctx) != cfg->netns_cookie) {
+	if (!tp_sock_addr_in_netns(ctx, cfg)) {
 		tp_count(TP_R_OTHER_NETNS);
 		return TP_DIRECT;
 	}

@@ -76,7 +76,7 @@ static __always_inline struct tp_orig_dst *tp_dns_reply_orig(struct bpf_sock_add
 	if (!cfg || port != cfg->dns_port || !tp_addr_is_loopback1(src))
 		return NULL;
 	o = tp_sk_orig.sk_storage_get(ctx->sk, 0, 0);
-	if (!o || o->port != 53)
+	if (!o || o->port != 53 || !tp_sock_addr_in_netns(ctx, cfg))
 		return NULL;
 	return o;
 }

@@ -7,7 +7,7 @@ structs BCC compiled from it.
 import ctypes as ct
 import ipaddress
 
-TP_ABI_VERSION = 2
+TP_ABI_VERSION = 3
 TP_MAX_UID_RULES = 32
 TP_MAX_PORT_RANGES = 16
 TP_CONN_MAX = 262144
@@ -37,6 +37,10 @@ TP_CIDR_DNS_SERVER = 4
 
 TP_LISTENER_V4 = 0
 TP_LISTENER_V6 = 1
+TP_LISTENER_SLOTS = 16
+
+TP_ANSWER_OUTBOUND = 1
+TP_ANSWER_INBOUND = 2
 
 TP_PROTO_TCP = 0x1
 TP_PROTO_UDP = 0x2
@@ -78,6 +82,8 @@ REASONS = [
     ("TP_R_DNS_NOT_REDIRECTABLE", "dns_not_redirectable"),
     ("TP_R_DNS_REPLY_RESTORED", "dns_reply_source_restored"),
     ("TP_R_IN_LISTENER_FAILED", "inbound_listener_registration_failed"),
+    ("TP_R_ORIG_DST_REFUSED", "orig_dst_refused_loop"),
+    ("TP_R_CONN_REPLACED", "conn_stale_replaced"),
 ]
 TP_R_COUNT = len(REASONS)
 REASON_INDEX = {name: i for i, (_, name) in enumerate(REASONS)}
@@ -146,10 +152,12 @@ class TpOrigDst(ct.Structure):
 
 class TpConnKey(ct.Structure):
     _fields_ = [
+        ("netns_cookie", ct.c_uint64),
         ("app_addr", ct.c_uint8 * 16),
         ("proxy_addr", ct.c_uint8 * 16),
         ("app_port", ct.c_uint16),
         ("proxy_port", ct.c_uint16),
+        ("pad", ct.c_uint32),
     ]
 
 
@@ -163,7 +171,7 @@ class TpSockKey(ct.Structure):
 
 
 class TpConn(ct.Structure):
-    _fields_ = [("orig", TpOrigDst), ("closed", ct.c_uint32), ("proxy_seen", ct.c_uint32)]
+    _fields_ = [("orig", TpOrigDst)]
 
 
 class TpMeta(ct.Structure):

@@ -27,6 +27,8 @@ CGROUP_INET6_GETPEERNAME = 30
 SK_LOOKUP = 36
 
 # enum bpf_prog_type
+PROG_CGROUP_SOCK = 9
+CGROUP_INET_SOCK_CREATE = 2
 PROG_SOCK_OPS = 13
 PROG_SK_MSG = 16
 PROG_CGROUP_SOCK_ADDR = 18
@@ -202,10 +204,26 @@ def _possible_cpus():
 
 def netns_cookie():
     """The cookie of the caller's network namespace (SO_NETNS_COOKIE, kernel >= 5.14);
-    0 when the kernel cannot tell, which disables the netns check in connect4/6."""
+    0 when this kernel cannot say it here (probe.learn_netns_cookie() asks a program)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
             raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
         except OSError:
             return 0
     return int.from_bytes(raw, "little")
+
+
+SYS_MEMBARRIER = {"x86_64": 324, "aarch64": 283}
+MEMBARRIER_CMD_GLOBAL = 1
+
+
+def synchronize_rcu():
+    """Wait for an RCU grace period: every BPF program running now has finished when this
+    returns (they run in RCU read-side sections). membarrier(MEMBARRIER_CMD_GLOBAL) is
+    implemented with synchronize_rcu(). False where it is unavailable (nohz_full kernels,
+    unknown architectures)."""
+    nr = SYS_MEMBARRIER.get(os.uname().machine)
+    if nr is None:
+        return False
+    libc = ct.CDLL(None, use_errno=True)
+    return libc.syscall(nr, MEMBARRIER_CMD_GLOBAL, 0, 0) == 0

@@ -335,8 +335,8 @@ def install(**kw):
     for w in p.get("warnings", []):
         click.echo(f"ebpf-tproxy: warning: {w}", err=True)
     if not p["netns_cookie"]:
-        click.echo("ebpf-tproxy: warning: this kernel cannot name network namespaces "
-                   "(SO_NETNS_COOKIE needs 5.14): sockets of every namespace in the cgroup "
+        click.echo("ebpf-tproxy: warning: the network namespace's cookie could not be learned "
+                   f"({p.get('netns_cookie_from')}): sockets of every namespace in the cgroup "
                    "are captured, so give each pod its own cgroup", err=True)
     inbound = (f", inbound TCP from other hosts -> port {settings.inbound_port}"
                if settings.inbound_enabled else "")
@@ -385,7 +385,8 @@ def status(name, ebpf_bpffs_path, output):
                            + (f"  include ports [{inb['includePorts']}]"
                               if inb.get("includePorts") else ""))
                 click.echo("  proxy listener " + (", ".join(
-                    f"{fam} (socket cookie {c})" for fam, c in lst.items())
+                    f"{fam} (socket cookie{'s' if len(cs) > 1 else ''} "
+                    f"{', '.join(map(str, cs))})" for fam, cs in lst.items())
                     or "none registered: inbound connections are refused until the proxy "
                        "listens"))
             else:

@@ -319,8 +319,10 @@ def install(settings: Settings, cgroup_path, progress=None):
             # we, and uninstall removes it only if it was ours.
             if settings.ipv6:
                 added_lo, lo_problem = netinfo.ensure_lo_address()
+            cookie, how = probe.learn_netns_cookie()
             p = plan(settings, netinfo.local_networks(), netinfo.default_instance_ips(),
-                     cgroup_path, bpfsys.netns_cookie())
+                     cgroup_path, cookie)
+            p["netns_cookie_from"] = how
             p["added_lo_address"] = bool(added_lo or (existing or {}).get("added_lo_address"))
             if settings.ipv6 and lo_problem:
                 p.setdefault("warnings", []).append(lo_problem)
@@ -418,6 +420,7 @@ def _install_locked(settings, cgroup_path, paths, p, progress):
                 _attach(prog, fd, paths.link(prog.name), targets[prog.target],
                         target_ids[prog.target], swapped, progress)
                 _test_pause("after-link")
+                _test_hold(f"after-link {prog.name}")
         except BaseException:
             for pin, old_fd in reversed(swapped):
                 with contextlib.suppress(OSError):
@@ -440,12 +443,19 @@ def _install_locked(settings, cgroup_path, paths, p, progress):
             for line in lines:
                 _log(progress, line)
             p.setdefault("warnings", []).extend(problems)
-        # The old generation is left as it is, not cleared: a connect() that read the old
-        # tp_active a moment ago may still be using it. The next install clears it first.
+        _test_hold("before-flip")
         maps.flip(new)
+        # The old generation may still be in use by a program that read tp_active a moment
+        # ago; programs run inside RCU read-side sections, so once a grace period has
+        # passed none is. Then it is cleared, leaving no stale port or CIDR entry. Where
+        # the kernel offers no grace-period wait, the next install clears it first.
+        if bpfsys.synchronize_rcu():
+            maps.clear_gen(active)
+        _test_hold("after-flip")
         maps.write_meta(dict(p, installed_at=int(time.time()), features=list(features),
                              programs=[dict(name=pr.name, hook=pr.hook, target=pr.target)
                                        for pr, _ in loaded]))
+        _remove_other_abi_maps(paths, progress)
     finally:
         for fd in targets.values():
             os.close(fd)
@@ -496,6 +506,29 @@ def _test_pause(step):
         sys.stderr.flush()
         while True:
             signal.pause()
+
+
+def _test_hold(step):
+    """Test seam: with EBPF_TPROXY_TEST_HOLD=1, install says 'held at <step>' on stderr and
+    waits for a line on stdin before going on, so a test can make connections at each step
+    of an upgrade (tests/kernel/test_lifecycle.py)."""
+    if os.environ.get("EBPF_TPROXY_TEST_HOLD") != "1":
+        return
+    import sys
+    sys.stderr.write(f"held at {step}\n")
+    sys.stderr.flush()
+    sys.stdin.readline()
+
+
+def _remove_other_abi_maps(paths, progress):
+    """After an upgrade across a layout change (TP_ABI_VERSION), the programs in force use
+    the new maps: the old layout's pins only hold memory. Connections in flight across such
+    an upgrade lose their SO_ORIGINAL_DST answer (README: upgrades)."""
+    mine = os.path.basename(paths.maps)
+    for entry in sorted(os.listdir(paths.instance)):
+        if entry.startswith("maps-v") and entry != mine:
+            shutil.rmtree(os.path.join(paths.instance, entry))
+            _log(progress, f"removed the maps of an older layout ({entry})")
 
 
 def _read_meta_quiet(paths):

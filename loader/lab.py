@@ -33,8 +33,11 @@ def sh(*cmd, check=True, **kw):
 
 
 class Lab:
-    def __init__(self, tag="lab"):
+    def __init__(self, tag="lab", conntrack=False):
         self.id = f"{tag}-{uuid.uuid4().hex[:6]}"
+        self.conntrack = conntrack
+        self.extra_ns = []        # more namespaces a test asked for (add_netns)
+        self.child_cgroups = []   # child cgroups of the lab's cgroup (child_cgroup)
         self.app_ns = f"tp-{self.id}-app"
         self.remote_ns = f"tp-{self.id}-rem"
         root = kernel.cgroup2_mount()
@@ -76,9 +79,37 @@ class Lab:
             self.ip(ns, "addr", "add", f"{ip4}/24", "dev", dev)
             self.ip(ns, "-6", "addr", "add", f"{ip6}/64", "dev", dev, "nodad")
             self.ip(ns, "link", "set", dev, "up")
+        if self.conntrack:
+            self._enable_conntrack()
         os.mkdir(self.cgroup)
         self.bpffs = tempfile.mkdtemp(prefix="tp-bpffs-")
         sh("mount", "-t", "bpf", "bpf", self.bpffs)
+
+    def _enable_conntrack(self):
+        """What Docker, kube-proxy, firewalld, ufw and Kuma's own --drop-invalid-packets put
+        in a namespace: a rule that needs connection tracking, which from then on tracks
+        every connection of the namespace and answers SO_ORIGINAL_DST for each of them."""
+        for ns in (self.app_ns, self.remote_ns):
+            for chain in ("OUTPUT", "INPUT"):
+                sh("nsenter", f"--net=/run/netns/{ns}", "iptables", "-w", "-A", chain, "-m",
+                   "conntrack", "--ctstate", "INVALID", "-j", "DROP")
+                sh("nsenter", f"--net=/run/netns/{ns}", "ip6tables", "-w", "-A", chain,
+                   "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP")
+
+    def add_netns(self):
+        """Another namespace in the lab (loopback up, nothing else), removed by close()."""
+        ns = f"tp-{self.id}-x{len(self.extra_ns)}"
+        sh("ip", "netns", "add", ns)
+        self.extra_ns.append(ns)
+        self.ip(ns, "link", "set", "lo", "up")
+        return ns
+
+    def child_cgroup(self, name):
+        """A child of the lab's cgroup (a nested instance's), removed by close()."""
+        path = os.path.join(self.cgroup, name)
+        os.mkdir(path)
+        self.child_cgroups.append(path)
+        return path
 
     def ip(self, ns, *args):
         return sh("ip", "-n", ns, *args)
@@ -100,7 +131,8 @@ class Lab:
         return wrapped + list(argv)
 
     def _preexec(self, in_cgroup):
-        cg = self.cgroup
+        """in_cgroup: True for the lab's cgroup, False for none, or a cgroup path."""
+        cg = in_cgroup if isinstance(in_cgroup, str) else self.cgroup
 
         def join():
             os.setsid()
@@ -145,6 +177,16 @@ class Lab:
                 return
             time.sleep(0.05)   # polling the socket table
         raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
+
+    @staticmethod
+    def wait_for(condition, what, timeout=60.0):
+        """Poll condition() until true; TimeoutError naming what was awaited."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            time.sleep(0.05)   # polling state only the kernel can tell
+        raise TimeoutError(f"{what}: not after {timeout}s")
 
     def shared_file(self, name, text):
         """A file lab processes running as other users can read (in the lab's own dir)."""
@@ -194,7 +236,10 @@ class Lab:
                 if f:
                     f.close()
         self.procs = []
-        self._kill_cgroup()
+        for cg in reversed(self.child_cgroups):
+            self._kill_cgroup(cg)
+        self.child_cgroups = []
+        self._kill_cgroup(self.cgroup)
         if self.bpffs:
             if kernel.is_bpffs(self.bpffs):
                 # Detach whatever an aborted test left attached, then drop the mount.
@@ -204,19 +249,20 @@ class Lab:
                 sh("umount", self.bpffs, check=False)
             shutil.rmtree(self.bpffs, ignore_errors=True)
             self.bpffs = None
-        for ns in (self.app_ns, self.remote_ns):
+        for ns in (self.app_ns, self.remote_ns, *self.extra_ns):
             sh("ip", "netns", "del", ns, check=False)
+        self.extra_ns = []
         if self.tmpdir:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self.tmpdir = None
 
-    def _kill_cgroup(self):
-        if not os.path.isdir(self.cgroup):
+    def _kill_cgroup(self, cgroup):
+        if not os.path.isdir(cgroup):
             return
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                with open(os.path.join(self.cgroup, "cgroup.procs")) as f:
+                with open(os.path.join(cgroup, "cgroup.procs")) as f:
                     pids = [int(x) for x in f.read().split()]
             except FileNotFoundError:
                 return
@@ -229,7 +275,7 @@ class Lab:
                     pass
             time.sleep(0.05)   # polling for the kernel to reap the killed processes
         try:
-            os.rmdir(self.cgroup)
+            os.rmdir(cgroup)
         except OSError:
             pass
 

@@ -91,12 +91,25 @@ def dual_stack_listener(port, host="::"):
 def cmd_listen(args):
     log = open(args.log, "a", buffering=1) if args.log else None
     sel = selectors.DefaultSelector()
+    socks = []
     for spec in args.specs:
         tag, _, port = spec.rpartition(":")
         s = dual_stack_listener(int(port), args.host)
+        if args.fastopen:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 64)
+        if args.backlog is not None:
+            s.listen(args.backlog)   # listen() again only changes the backlog
         s.setblocking(False)
         sel.register(s, selectors.EVENT_READ, tag)
+        socks.append(s)
     print("ready", flush=True)
+    if args.gate:
+        # A proxy that does not accept yet: with --backlog 0 its queue is full after one
+        # connection, and later SYNs wait (retransmitted) in the handshake.
+        sys.stdin.readline()
+        for s in socks:
+            s.listen(4096)
+        print("accepting", flush=True)
     while True:
         for key, _ in sel.select():
             if args.accept_delay:
@@ -107,10 +120,14 @@ def cmd_listen(args):
                 continue
             with conn:
                 orig = original_dst(conn) or "-"
+                if args.fastopen:
+                    conn.recv(16)   # the byte sent in the SYN: read, so close sends no RST
                 line = f"{key.data} orig={orig} peer={fmt(conn.getpeername())} " \
                        f"local={fmt(conn.getsockname())}\n"
                 if log:
                     log.write(line)
+                if args.gate:
+                    print(line.strip(), flush=True)
                 conn.setblocking(True)
                 try:
                     conn.sendall(line.encode())
@@ -164,14 +181,20 @@ def cmd_proxy(args):
             threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
 
 
-def connect_once(host, port, bind=None, timeout=5.0, close_at_once=False):
+def connect_once(host, port, bind=None, timeout=5.0, close_at_once=False, bind_port=0,
+                 fastopen=False):
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         if bind:
-            s.bind((bind, 0))
-        s.connect((host, port))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((bind, bind_port))
+        if fastopen:
+            # connect() and the first bytes in one SYN (TCP Fast Open)
+            s.sendto(b"x", socket.MSG_FASTOPEN, (host, port))
+        else:
+            s.connect((host, port))
         if close_at_once:
             return "CLOSED", fmt(s.getpeername())
         data = b""
@@ -199,8 +222,73 @@ def cmd_connect(args):
             results[kind] = results.get(kind, 0) + 1
         print(json.dumps({"results": results, "seconds": time.monotonic() - start}))
         return
-    line, peer = connect_once(args.host, args.port, args.bind, close_at_once=args.close_at_once)
+    line, peer = connect_once(args.host, args.port, args.bind, close_at_once=args.close_at_once,
+                              bind_port=args.bind_port, fastopen=args.fastopen)
     print(json.dumps({"line": line, "getpeername": peer}))
+
+
+def cmd_connect_many(args):
+    """Start a connection to each port in order, all at once (non-blocking), then read each
+    one's reply line: {port: line}. For handshakes that are in flight together."""
+    fam = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    socks = {}
+    for port in args.ports:
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.connect_ex((args.host, port))
+        socks[port] = s
+    out = {}
+    deadline = time.monotonic() + args.timeout
+    for port, s in socks.items():
+        s.settimeout(max(0.1, deadline - time.monotonic()))
+        data = b""
+        try:
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            out[port] = data.decode().strip() or "EOF"
+        except OSError as e:
+            out[port] = f"ERROR {e.strerror or e}"
+        finally:
+            s.close()
+    print(json.dumps(out))
+
+
+def cmd_workers(args):
+    """A proxy like Envoy's: one SO_REUSEPORT listener per worker on the same port. Each
+    connection is answered with its worker's number; 'close N' on stdin closes worker N's
+    listener (as a worker that exits)."""
+    socks = []
+    for _ in range(args.count):
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", args.port))
+        s.listen(4096)
+        socks.append(s)
+    def serve(i, s):
+        while True:
+            try:
+                conn, _ = s.accept()
+            except OSError:
+                return   # closed
+            with conn:
+                orig = original_dst(conn) or "-"
+                try:
+                    conn.sendall(f"worker={i} orig={orig}\n".encode())
+                except OSError:
+                    pass
+    for i, s in enumerate(socks):
+        threading.Thread(target=serve, args=(i, s), daemon=True).start()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        cmd, _, n = line.strip().partition(" ")
+        if cmd == "close":
+            socks[int(n)].shutdown(socket.SHUT_RDWR)
+            socks[int(n)].close()
+            print(f"closed {n}", flush=True)
 
 
 def cmd_echo(args):
@@ -264,7 +352,7 @@ def cmd_transfer(args):
 
 def cmd_hold(args):
     s = socket.create_connection((args.host, args.port), timeout=10)
-    print("ready", flush=True)
+    print("ready " + fmt(s.getsockname()), flush=True)
     f = s.makefile("rb")
     for line in sys.stdin:
         s.sendall(line.encode())
@@ -397,6 +485,9 @@ def main(argv=None):
     p.add_argument("--log", help="also append each reply line to this file")
     p.add_argument("--accept-delay", type=float, default=0.0, metavar="SECONDS")
     p.add_argument("--host", default="::", help="address to listen on (default [::])")
+    p.add_argument("--backlog", type=int, help="listen backlog (default 4096)")
+    p.add_argument("--gate", action="store_true", help="accept only after a line on stdin")
+    p.add_argument("--fastopen", action="store_true", help="TCP Fast Open on the listeners")
     p = sub.add_parser("proxy")
     p.add_argument("--port", type=int, default=15001)
     p.add_argument("--log")
@@ -408,6 +499,15 @@ def main(argv=None):
     p.add_argument("--count", type=int, default=0)
     p.add_argument("--close-at-once", action="store_true",
                    help="close right after connect(), before the peer could accept")
+    p.add_argument("--bind-port", type=int, default=0, help="source port (with --bind)")
+    p.add_argument("--fastopen", action="store_true", help="connect with TCP Fast Open")
+    p = sub.add_parser("connect-many")
+    p.add_argument("host")
+    p.add_argument("ports", type=int, nargs="+")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p = sub.add_parser("workers")
+    p.add_argument("port", type=int)
+    p.add_argument("--count", type=int, default=4)
     p = sub.add_parser("echo")
     p.add_argument("port", type=int)
     p = sub.add_parser("transfer")
@@ -436,7 +536,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     {"listen": cmd_listen, "proxy": cmd_proxy, "connect": cmd_connect,
      "validator": cmd_validator, "http": cmd_http, "echo": cmd_echo,
-     "hold": cmd_hold, "transfer": cmd_transfer, "dns": cmd_dns, "query": cmd_query, "probe": cmd_probe}[args.cmd](args)
+     "hold": cmd_hold, "transfer": cmd_transfer, "dns": cmd_dns, "query": cmd_query,
+     "probe": cmd_probe, "connect-many": cmd_connect_many, "workers": cmd_workers}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def _loopback(hex_addr):
 
 
 def listening_inodes(port):
-    """{inode: family key} of sockets listening on port in this network namespace, except
+    """{inode: TP_LISTENER_V4/V6} of sockets listening on port in this network namespace, except
     loopback-only ones (as sock_ops: they never receive connections from other hosts)."""
     out = {}
     for path, key in (("/proc/net/tcp", abi.TP_LISTENER_V4), ("/proc/net/tcp6",
@@ -92,8 +92,40 @@ def _dup_from(pid, fd):
         os.close(pidfd)
 
 
+SO_COOKIE = 57
+
+
+def _socket_cookie(fd):
+    import socket
+    s = socket.socket(fileno=os.dup(fd))
+    try:
+        return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
+    finally:
+        s.close()
+
+
+def _slots(family):
+    base = family * abi.TP_LISTENER_SLOTS
+    return range(base, base + abi.TP_LISTENER_SLOTS)
+
+
+def _cookies(sockmap, family):
+    """{slot: socket cookie} of the family's occupied slots."""
+    out = {}
+    for key in _slots(family):
+        try:
+            v = sockmap.lookup(ct.c_uint32(key))
+        except OSError:
+            v = None
+        if v is not None:
+            out[key] = v.value
+    return out
+
+
 def register_existing(sockmap_pin, port, cgroup_path):
-    """Put already-listening proxy sockets into tp_listeners.
+    """Put already-listening proxy sockets into free slots of tp_listeners (each socket of
+    a SO_REUSEPORT group takes one, as sock_ops does at listen()); a socket already there
+    (an upgrade in place keeps the map) is left where it is.
     Returns (lines for --verbose, warnings every user must see)."""
     root = kernel.cgroup2_mount() or "/"
     cgroup_rel = "/" + os.path.relpath(cgroup_path, root).lstrip(".")
@@ -108,6 +140,7 @@ def register_existing(sockmap_pin, port, cgroup_path):
                         "the proxy listens")
     with bpfsys.PinnedMap(sockmap_pin, ct.c_uint32, ct.c_uint64) as sockmap:
         for inode, (pid, fd) in holders.items():
+            family = inodes[inode]
             try:
                 mine = _dup_from(pid, fd)
             except OSError as e:
@@ -115,7 +148,18 @@ def register_existing(sockmap_pin, port, cgroup_path):
                                 "inbound connections are refused until the proxy restarts")
                 continue
             try:
-                sockmap.update(ct.c_uint32(inodes[inode]), ct.c_uint64(mine))
+                taken = _cookies(sockmap, family)
+                if _socket_cookie(mine) in taken.values():
+                    lines.append(f"the listener of pid {pid} on port {port} is registered")
+                    continue
+                free = [k for k in _slots(family) if k not in taken]
+                if not free:
+                    warnings.append(f"all {abi.TP_LISTENER_SLOTS} listener slots are taken: "
+                                    f"the listener of pid {pid} on port {port} is not "
+                                    "registered (its reuseport group still is, if any "
+                                    "member is)")
+                    continue
+                sockmap.update(ct.c_uint32(free[0]), ct.c_uint64(mine))
                 lines.append(f"registered the listener of pid {pid} on port {port}")
             finally:
                 os.close(mine)
@@ -123,14 +167,11 @@ def register_existing(sockmap_pin, port, cgroup_path):
 
 
 def registered(sockmap_pin):
-    """{"ipv4"/"ipv6": socket cookie} of the listeners sk_lookup steers to now."""
+    """{"ipv4"/"ipv6": [socket cookie, ...]} of the listeners sk_lookup steers to now."""
     out = {}
     with bpfsys.PinnedMap(sockmap_pin, ct.c_uint32, ct.c_uint64) as sockmap:
-        for key, name in ((abi.TP_LISTENER_V4, "ipv4"), (abi.TP_LISTENER_V6, "ipv6")):
-            try:
-                v = sockmap.lookup(ct.c_uint32(key))
-            except OSError:
-                v = None
-            if v is not None:
-                out[name] = v.value
+        for family, name in ((abi.TP_LISTENER_V4, "ipv4"), (abi.TP_LISTENER_V6, "ipv6")):
+            cookies = list(_cookies(sockmap, family).values())
+            if cookies:
+                out[name] = cookies
     return out

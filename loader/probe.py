@@ -96,9 +96,83 @@ FEATURE_FALLBACK = {
     "sock_ops netns cookie": "without it (before 5.15), the proxy's inbound listener is "
     "registered without checking its network namespace, and sockmap acceleration is off "
     "(--ebpf-accelerate=true is refused)",
-    "SO_NETNS_COOKIE": "without it (before 5.14), connect4/6 cannot tell network namespaces "
-    "apart: sockets of every namespace in the cgroup are captured (install warns)",
+    "SO_NETNS_COOKIE": "without it (before 5.14), the loader learns its network namespace's "
+    "cookie from a cgroup/sock_create program in a temporary child cgroup instead",
+    "instance netns cookie": "without it, connect4/6 cannot tell network namespaces apart: "
+    "sockets of every namespace in the cgroup are captured (install warns)",
 }
+
+# cgroup/sock_create has bpf_get_netns_cookie() from 5.7, as every sock_addr hook does:
+# what the loader needs before SO_NETNS_COOKIE (5.14) to name its namespace.
+COOKIE_SOURCE = r"""
+#include <uapi/linux/bpf.h>
+BPF_ARRAY(learned_cookie, u64, 1);
+int learn_netns_cookie(struct bpf_sock *ctx)
+{
+	u32 zero = 0;
+	u64 cookie = bpf_get_netns_cookie(ctx);
+
+	learned_cookie.update(&zero, &cookie);
+	return 1;
+}
+"""
+
+
+def learn_netns_cookie():
+    """The caller's network namespace cookie: SO_NETNS_COOKIE where the kernel has it, else
+    read by a tiny cgroup/sock_create program attached (by an unpinned link, gone with this
+    process's fd) to a temporary child cgroup of its own, in which a forked child of this
+    process (so: this network namespace) creates one socket. Returns (cookie, how); cookie
+    0 if neither works."""
+    import ctypes as ct
+    import os
+    import socket
+
+    from . import kernel
+    from .programs import QUIET_CFLAGS, bcc_compile, fd2_captured
+
+    cookie = bpfsys.netns_cookie()
+    if cookie:
+        return cookie, "SO_NETNS_COOKIE"
+    root = kernel.cgroup2_mount()
+    if root is None:
+        return 0, "no cgroup2 mount to run the cookie program in"
+    bpf = bcc_compile(COOKIE_SOURCE.encode(), QUIET_CFLAGS)
+    cg = os.path.join(root, f"ebpf-tproxy-cookie-{os.getpid()}")
+    try:
+        with fd2_captured():
+            fn = bpf.load_func(b"learn_netns_cookie", bpfsys.PROG_CGROUP_SOCK,
+                               attach_type=bpfsys.CGROUP_INET_SOCK_CREATE)
+        os.mkdir(cg, 0o700)
+        cg_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            link = bpfsys.link_create(fn.fd, cg_fd, bpfsys.CGROUP_INET_SOCK_CREATE)
+        finally:
+            os.close(cg_fd)
+        try:
+            pid = os.fork()
+            if pid == 0:   # the child: join the cgroup, make one socket, leave
+                code = 1
+                try:
+                    with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+                        f.write("0")
+                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()
+                    code = 0
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+        finally:
+            os.close(link)
+        if os.waitstatus_to_exitcode(status) != 0:
+            return 0, "the cookie program's child could not join its cgroup"
+        value = bpf[b"learned_cookie"][ct.c_int(0)].value
+        return value, "learned by a cgroup/sock_create program (no SO_NETNS_COOKIE before 5.14)"
+    except Exception as e:   # BCC raises bare Exception; OSError from the cgroup
+        return 0, f"the cookie program failed ({str(e).splitlines()[0]})"
+    finally:
+        if os.path.isdir(cg):
+            os.rmdir(cg)
+        bpf.cleanup()
 
 
 def build_features(results):
@@ -123,9 +197,12 @@ def probe_hooks():
                 results.append((feature, False, str(e).splitlines()[0], progs))
     finally:
         bpf.cleanup()
-    # Not a hook: how the loader learns its namespace's cookie (getsockopt, 5.14).
+    # Not hooks: how the loader learns its namespace's cookie (getsockopt, 5.14; else a
+    # program), which every hook compares with the socket's.
     cookie = bpfsys.netns_cookie()
     results.append(("SO_NETNS_COOKIE", cookie != 0,
                     "supported" if cookie else "getsockopt(SO_NETNS_COOKIE) is not supported",
                     ()))
+    learned, how = learn_netns_cookie()
+    results.append(("instance netns cookie", learned != 0, how, ()))
     return results

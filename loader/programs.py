@@ -132,6 +132,9 @@ def compile_programs(pin_dir, features=()):
     pin_dir. features: probed kernel features, each a -D macro (TP_SOCKOPS_NETNS_COOKIE).
     Returns the bcc.BPF object."""
     cflags = [f'-DTP_PIN_DIR="{pin_dir}"'] + [f"-D{f}" for f in features] + QUIET_CFLAGS
+    # Test seam: a small connection table, to show what a full one does (tests/kernel).
+    if os.environ.get("EBPF_TPROXY_TEST_CONN_MAX"):
+        cflags.append(f"-DTP_CONN_MAX={int(os.environ['EBPF_TPROXY_TEST_CONN_MAX'])}")
     return bcc_compile(source().encode(), cflags)
 
 

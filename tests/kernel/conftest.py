@@ -47,9 +47,23 @@ def requires(*names):
 
 
 @pytest.fixture
-def lab():
-    with Lab("t") as lab:
+def conntrack(request):
+    """Whether the lab's namespaces have connection tracking active (Lab(conntrack=True)).
+    Modules that set CONNTRACK_BOTH = True run every lab test both ways."""
+    return getattr(request, "param", False)
+
+
+@pytest.fixture
+def lab(conntrack):
+    with Lab("t", conntrack=conntrack) as lab:
         yield lab
+
+
+def pytest_generate_tests(metafunc):
+    if getattr(metafunc.module, "CONNTRACK_BOTH", False) and \
+            "conntrack" in metafunc.fixturenames:
+        metafunc.parametrize("conntrack", [False, True], ids=["clean", "conntrack"],
+                             indirect=True)
 
 
 def listeners(lab):

@@ -10,9 +10,10 @@ Deliberate differences (README, "Differences from iptables"), normalized here:
     the same, so only that and the listener are compared for inbound attempts.
   - SO_ORIGINAL_DST on a connection nobody redirected: conntrack answers it for every
     tracked connection with the connection's own destination; ebpf-tproxy only answers
-    for connections it redirected (the kernel's ENOENT stands otherwise). Proxies fall
-    back to getsockname() then, which is that same address; so orig= is compared only
-    where the proxy accepted the connection.
+    for connections it redirected (without conntrack the kernel's ENOENT stands
+    otherwise). Proxies fall back to getsockname() then, which is that same address; so
+    orig= is compared only where the proxy accepted the connection.
+The eBPF side runs twice, in a clean lab and in one with conntrack active.
 """
 import itertools
 import json
@@ -136,7 +137,9 @@ def start_services(lab):
 @pytest.mark.parametrize("name, flags", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_ebpf_and_iptables_decide_every_connection_alike(name, flags):
     s = settings_for(flags)
-    with Lab("ipt") as ipt, Lab("ebpf") as ebpf:
+    # iptables needs conntrack for its NAT anyway; eBPF is run with and without it (on
+    # hosts with Docker or kube-proxy it is active, and answers SO_ORIGINAL_DST too).
+    with Lab("ipt") as ipt, Lab("ebpf") as ebpf, Lab("ebct", conntrack=True) as ebct:
         # Kuma adds ::6/128 to lo in dual-stack mode; ebpf-tproxy install does the same.
         if s.ipv6:
             ipt.ip(ipt.app_ns, "-6", "addr", "add", "::6/128", "dev", "lo")
@@ -145,10 +148,15 @@ def test_ebpf_and_iptables_decide_every_connection_alike(name, flags):
                 continue
             sh_in(ipt.app_ns, tool, input=iptables_oracle.rules(s, family=family))
         start_services(ipt)
-        start_services(ebpf)
-        r = ebpf.tproxy("install", "--config", config_file(dict(flags, kumaDPUser=DP_USER)))
-        assert r.returncode == 0, r.stderr
-        want, got = run_attempts(ipt), run_attempts(ebpf)
+        want = run_attempts(ipt)
+        got = {}
+        for lab in (ebpf, ebct):
+            start_services(lab)
+            r = lab.tproxy("install", "--config",
+                           config_file(dict(flags, kumaDPUser=DP_USER)))
+            assert r.returncode == 0, r.stderr
+            got[lab.conntrack] = run_attempts(lab)
     assert len(want) >= 40
-    mismatches = {k: (want[k], got[k]) for k in want if want[k] != got[k]}
+    mismatches = {(ct, *k): (want[k], got[ct][k]) for ct in got for k in want
+                  if want[k] != got[ct][k]}
     assert not mismatches, json.dumps({str(k): v for k, v in mismatches.items()}, indent=1)

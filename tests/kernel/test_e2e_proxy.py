@@ -10,6 +10,10 @@ from loader.lab import APP_IP4, APP_IP6, REMOTE_IP4, REMOTE_IP6
 
 from .conftest import DP_UID, haproxy_config, install
 
+# A clean lab and one with conntrack active, as on hosts with Docker, kube-proxy or
+# firewalld: SO_ORIGINAL_DST must be ours in both.
+CONNTRACK_BOTH = True
+
 def curl(lab, url):
     r = lab.run(["curl", "-sS", "-m", "10", "-g", "-w", "\\n%{remote_ip} %{remote_port}", url])
     assert r.returncode == 0, r.stderr

@@ -1,6 +1,8 @@
 """Lifecycle: capture outlives the loader, install is idempotent and updates in place
 without a gap, a loader killed mid-install is recovered, uninstall leaves zero residue."""
+import ctypes as ct
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -9,8 +11,10 @@ import pytest
 
 from loader.lab import REMOTE_IP4
 
-from .conftest import CGROUP_HOOKS, DP_USER, install, listeners, reached
+from .conftest import CGROUP_HOOKS, DP_UID, DP_USER, install, listeners, reached
 from .residue import cgroup_attachments, pins, snapshot, wait_back_to
+
+LS = [sys.executable, "-m", "loader.labservers"]
 
 
 def status(lab):
@@ -50,27 +54,75 @@ def test_install_twice_gives_the_same_state(lab):
     assert len(cgroup_attachments(lab.cgroup)) == CGROUP_HOOKS
 
 
+@pytest.mark.kernel_ci
 def test_update_in_place_has_no_gap(lab):
-    """A client connecting in a loop while install runs with other configurations: every
-    connection reaches the proxy with the right original destination."""
-    listeners(lab)
+    """An upgrade that changes the configuration (port 8001 excluded from then on), held
+    at each step: after each link swap and before the flip, a new connection is captured
+    under the old configuration; after the flip it goes direct; connections opened before
+    the upgrade carry data through the proxy all along; and the old generation's entries
+    are gone afterwards."""
+    log = lab.shared_file("proxy.log", "")
+    os.chmod(log, 0o666)
+    lab.spawn(LS + ["listen", "remote:8001"], ns=lab.remote_ns, in_cgroup=False)
+    lab.spawn(LS + ["echo", "8002"], ns=lab.remote_ns, in_cgroup=False)
+    lab.spawn(LS + ["proxy", "--port", "15001", "--log", log], user=DP_UID)
     install(lab)
-    client = subprocess.Popen(
-        lab.command([sys.executable, "-m", "loader.labservers", "connect", REMOTE_IP4, "8000",
-                     "--count", "4000"]),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=lab.env(),
-        preexec_fn=lab._preexec(True))
+    held = [lab.spawn(LS + ["hold", REMOTE_IP4, "8002"], stdin=subprocess.PIPE)
+            for _ in range(3)]
+
+    def captured_now():
+        """One new connection to port 8001: did it go through the proxy (and with the
+        right original destination)? The proxy logs before it connects upstream."""
+        mark = f"original destination {REMOTE_IP4}:8001"
+        before = open(log).read().count(mark)
+        assert reached(lab, REMOTE_IP4, 8001)["line"].startswith("remote "), "no reply"
+        text = open(log).read()
+        assert "PROXY ERROR" not in text, text
+        return text.count(mark) - before
+
+    def echoes(i):
+        for h in held:
+            h.stdin.write(f"step {i}\n".encode())
+            h.stdin.flush()
+            assert h.stdout.readline().strip() == f"step {i}".encode()
+        return len(held)
+
+    upgrade = subprocess.Popen(
+        [sys.executable, "-m", "loader.cli", "install", "--kuma-dp-user", DP_USER,
+         "--exclude-outbound-ports", "8001", "--netns", lab.app_ns, "--ebpf-bpffs-path",
+         lab.bpffs, "--ebpf-cgroup-path", lab.cgroup], stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        env=dict(lab.env(), EBPF_TPROXY_TEST_HOLD="1"))
+    steps, echoed = {}, 0
     try:
-        for ports in ("1", "2,3", "4"):
-            install(lab, "--exclude-outbound-ports", ports)
-        out, err = client.communicate(timeout=300)
+        for line in upgrade.stderr:
+            if not line.startswith("held at "):
+                continue
+            step = line[len("held at "):].strip()
+            steps[step] = captured_now()
+            echoed += echoes(len(steps))
+            upgrade.stdin.write("\n")
+            upgrade.stdin.flush()
+        assert upgrade.wait(timeout=120) == 0
     finally:
-        if client.poll() is None:
-            client.kill()
-            client.wait()
-    results = json.loads(out)["results"]
-    assert list(results) == [f"out orig={REMOTE_IP4}:8000 local=127.0.0.1:15001"], results
-    assert status(lab)[0]["meta"]["config"]["redirect"]["outbound"]["excludePorts"] == "4"
+        if upgrade.poll() is None:
+            upgrade.kill()
+            upgrade.wait()
+    swaps = [s for s in steps if s.startswith("after-link ")]
+    assert len(swaps) == CGROUP_HOOKS + 1, steps   # every cgroup hook and sk_lookup
+    assert all(steps[s] == 1 for s in swaps + ["before-flip"]), steps
+    assert steps["after-flip"] == 0, steps
+    assert echoed == 3 * len(steps) and captured_now() == 0
+    # Only the generation in force has entries left.
+    from loader import instance
+    maps = instance.Maps(instance.Paths(lab.bpffs, "default"))
+    try:
+        gen = maps.active_gen()
+        assert {k.gen for k in maps.ports.keys()} == {gen}
+        assert {k.gen for k in maps.cidrs.keys()} == {gen}
+        assert maps.config.lookup(ct.c_uint32(gen ^ 1)).flags == 0
+    finally:
+        maps.close()
 
 
 def _killed_mid_install(lab):

@@ -162,7 +162,7 @@ def test_v4_mapped_address_on_ipv6_socket_follows_ipv4_rules(captured):
     assert r["getpeername"] == f"{REMOTE_IP4}:8000"
 
 
-@requires("SO_NETNS_COOKIE")
+@requires("instance netns cookie")
 @pytest.mark.kernel_ci
 def test_sockets_in_another_netns_are_not_touched(captured):
     # cgroup hooks follow the cgroup, not the netns: a process of the cgroup that lives in
