@@ -41,7 +41,8 @@ kernels: setup
 # refusals are exercised), the tests marked kernel_ci: one per hook and per fallback.
 kernels-ci: setup
 	@bash scripts/setup.sh kernels
-	$(PY) tests/kernels/run.py --kernels $${KERNELS:-5.10} --tests tests/kernel -- -m kernel_ci
+	$(PY) tests/kernels/run.py --kernels $${KERNELS:-5.10} --tests tests/kernel -- \
+		-m "kernel_ci and (not conntrack_lab or conntrack_ci)"
 
 # Our capture vs iptables vs no capture, side by side (not part of make test).
 bench: setup

@@ -7,8 +7,10 @@
  * the DNS port, and the server asked is kept in the socket's sk_storage (connect4/6 do
  * the same for connected sockets).
  * recvmsg: a reply from the DNS port is shown as coming from that server, so resolvers
- * that check the reply's source (glibc, musl, dig) accept it, as they do behind iptables,
- * where conntrack reverses the NAT on the reply.
+ * that check the reply's source (glibc and dig in the tests) accept it, as they do behind
+ * iptables, where conntrack reverses the NAT on the reply. One unconnected socket asking
+ * two servers sees every reply as from the last one asked: this hook cannot see which
+ * query a reply answers (README, "What is not done yet").
  */
 #include "tproxy_redirect.h"
 

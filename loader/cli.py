@@ -278,7 +278,8 @@ def install(**kw):
     outbound port, TCP connections from other hosts on its inbound port, and (with
     --redirect-dns) DNS queries on the DNS port, exactly as Kuma's iptables rules would
     send them; the proxy's getsockopt(SO_ORIGINAL_DST) returns the original destination.
-    Running install again with another configuration updates it in place without a gap.
+    Running install again with another configuration (or a newer ebpf-tproxy) compiles
+    the programs again and swaps them in place; no connection is left uncaptured.
 
     \b
     Example:
@@ -286,7 +287,8 @@ def install(**kw):
           --ebpf-cgroup-path /sys/fs/cgroup/unified/app \\
           --exclude-outbound-ports 22 --exclude-outbound-ips 10.0.0.0/8
       ebpf-tproxy install --config tproxy.yaml --dry-run --explain
-      nsenter --net=/run/netns/pod1 ebpf-tproxy install --redirect-dns \\
+      KUMA_TRANSPARENT_PROXY_REDIRECT_DNS_RESOLV_CONFIG_PATH=/etc/netns/pod1/resolv.conf \\
+        nsenter --net=/run/netns/pod1 ebpf-tproxy install --redirect-dns \\
           --ebpf-cgroup-path /sys/fs/cgroup/unified/pod1 --name pod1
     """
     try:
@@ -401,7 +403,8 @@ def status(name, ebpf_bpffs_path, output):
             for ln, info in e["links"].items():
                 click.echo(f"  link {ln:<22} link id {info.get('link_id')}  prog id "
                            f"{info.get('prog_id')}")
-            click.echo(f"  tracked connections  {e.get('tracked_connections')}")
+            click.echo(f"  handshakes in flight {e.get('tracked_connections')} (tp_conns; "
+                       "answers then live with the proxy's sockets)")
             if (meta.get("config") or {}).get("ebpf", {}).get("accelerate"):
                 click.echo(f"  accelerated sockets  {e.get('accelerated_sockets')}")
             counters = {k: v for k, v in (e.get("counters") or {}).items() if v}

@@ -128,9 +128,9 @@ IPTABLES_ONLY = {
 NOT_YET = {
     "redirect.inbound.excludePortsForUIDs": "inbound connections come from other hosts, "
                                             "whose uids are unknown here",
-    "redirect.vnet.networks": "--vnet (traffic bridged from a local interface such as "
-                              "docker0, treated as outbound) is not implemented: cgroup "
-                              "hooks never see forwarded traffic",
+    "redirect.vnet.networks": "traffic bridged from a local interface such as docker0 "
+                              "(treated as outbound) is not implemented: cgroup hooks "
+                              "never see forwarded traffic",
 }
 
 

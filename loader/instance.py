@@ -12,7 +12,8 @@ Install order, so that no connection escapes capture during an upgrade:
   2. write the new configuration into the inactive generation;
   3. swap each link to its new program (bpf_link_update: atomic per hook), or create and
      pin it on a first install;
-  4. flip tp_active to the new generation, then clear the old one.
+  4. flip tp_active to the new generation, wait for an RCU grace period (no program is
+     still reading the old one), then clear the old one.
 A failure before step 3 changes nothing the programs read; a first install that fails
 anywhere is rolled back completely.
 """

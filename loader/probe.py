@@ -93,8 +93,9 @@ PROBES = (
 # Probed features that change how the programs are built: probe name -> -D macro.
 FEATURE_MACROS = {"sock_ops netns cookie": "TP_SOCKOPS_NETNS_COOKIE"}
 FEATURE_FALLBACK = {
-    "sock_ops netns cookie": "without it (before 5.15), the proxy's inbound listener is "
-    "registered without checking its network namespace, and sockmap acceleration is off "
+    "sock_ops netns cookie": "without it (before 5.15), the proxy's inbound listener and "
+    "its accepted inbound sockets are taken without checking their network namespace "
+    "(outbound connections are scoped by connect4/6), and sockmap acceleration is off "
     "(--ebpf-accelerate=true is refused)",
     "SO_NETNS_COOKIE": "without it (before 5.14), the loader learns its network namespace's "
     "cookie from a cgroup/sock_create program in a temporary child cgroup instead",

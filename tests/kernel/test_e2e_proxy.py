@@ -14,6 +14,7 @@ from .conftest import DP_UID, haproxy_config, install
 # firewalld: SO_ORIGINAL_DST must be ours in both.
 CONNTRACK_BOTH = True
 
+
 def curl(lab, url):
     r = lab.run(["curl", "-sS", "-m", "10", "-g", "-w", "\\n%{remote_ip} %{remote_port}", url])
     assert r.returncode == 0, r.stderr
@@ -29,6 +30,7 @@ def server(lab):
 
 
 @pytest.mark.kernel_ci
+@pytest.mark.conntrack_ci
 def test_haproxy_debian_package_learns_original_destination(server):
     lab = server
     assert shutil.which("haproxy"), "make setup installs haproxy"

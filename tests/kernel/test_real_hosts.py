@@ -82,8 +82,6 @@ def test_every_reuseport_listener_is_registered_and_one_closing_loses_nothing(la
     install(lab)
     workers = lab.spawn(LS + ["workers", "15006", "--count", "4"], user=DP_UID,
                         stdin=subprocess.PIPE)
-    st = status(lab)[0]
-    assert len(st["inbound_listeners"]["ipv6"]) == 4, st["inbound_listeners"]
 
     def round_of(n):
         seen = {}
@@ -97,12 +95,14 @@ def test_every_reuseport_listener_is_registered_and_one_closing_loses_nothing(la
         return seen
 
     assert len(round_of(24)) >= 2          # spread by the kernel's reuseport selection
+    before_close = status(lab)[0]["inbound_listeners"]
     workers.stdin.write(b"close 3\n")
     workers.stdin.flush()
     assert workers.stdout.readline().strip() == b"closed 3"
     after = round_of(24)
     assert "worker=3" not in after and len(after) >= 2, after
     assert sum(after.values()) == 24
+    assert len(before_close["ipv6"]) == 4, before_close
     assert len(status(lab)[0]["inbound_listeners"]["ipv6"]) == 3
     assert counters(lab)["inbound_refused_no_listener"] == 0
 
