@@ -1,8 +1,9 @@
 """What real hosts have and clean labs hide: several instances side by side and nested,
 proxies with SO_REUSEPORT listeners (Envoy), a connection table made full on purpose, TCP
-Fast Open, and proxies of other namespaces in the same cgroup. Conntrack on or off where
-it changes the kernel's own answer (CONNTRACK_BOTH)."""
+Fast Open, and proxies of other namespaces in the same cgroup. The full table is tried with
+conntrack off and on: conntrack changes what the kernel itself answers."""
 import json
+import os
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 
 from loader.lab import APP_IP4, REMOTE_IP4
 
-from .conftest import DP_UID, install, listeners, reached, requires, sh_in
+from .conftest import DP_UID, install, requires, sh_in
 
 LS = [sys.executable, "-m", "loader.labservers"]
 
@@ -144,7 +145,7 @@ def test_a_full_connection_table_is_counted_and_never_answers_wrong(lab, conntra
     c = counters(lab)
     answered = [p for p, line in lines.items() if f"orig={REMOTE_IP4}:{p} " in line]
     unanswered = [p for p, line in lines.items() if " orig=- " in line]
-    assert sorted(answered + unanswered) == sorted(str(p) for p in ports), (lines, counters(lab))
+    assert sorted(answered + unanswered) == sorted(str(p) for p in ports), (lines, c)
     assert c["conn_track_failed"] >= len(ports) - 1 - 4 and \
         len(unanswered) == c["conn_track_failed"], (lines, c)
     # Without conntrack the kernel had no answer (ENOENT); with it, its answer would have
@@ -161,7 +162,9 @@ def test_tcp_fast_open_is_answered(lab):
     # A Fast Open listener creates the proxy's socket at the SYN, before the application's
     # side is established; the proxy can accept and ask at once.
     sh_in(lab.app_ns, "sysctl", "-qw", "net.ipv4.tcp_fastopen=0x207")   # no cookie needed
-    lab.spawn(LS + ["listen", "out:15001", "--fastopen"], user=DP_UID)
+    log = lab.shared_file("proxy.log", "")
+    os.chmod(log, 0o666)
+    lab.spawn(LS + ["listen", "out:15001", "--fastopen", "--log", log], user=DP_UID)
     install(lab)
     for i in range(10):
         r = lab.py("connect", REMOTE_IP4, str(8000 + i), "--fastopen")
@@ -170,6 +173,19 @@ def test_tcp_fast_open_is_answered(lab):
         assert line.startswith(f"out orig={REMOTE_IP4}:{8000 + i} "), line
     fast = sh_in(lab.app_ns, "nstat", "-asz", "TcpExtTCPFastOpenPassive").stdout.split()
     assert int(fast[fast.index("TcpExtTCPFastOpenPassive") + 1]) >= 10, fast
+    # The proxy's SYN-ACKs dropped: the application's side never gets established, yet
+    # the proxy's socket exists from the SYN and its question must be answered already.
+    sh_in(lab.app_ns, "iptables", "-w", "-A", "OUTPUT", "-p", "tcp", "--sport", "15001",
+          "--tcp-flags", "SYN,ACK", "SYN,ACK", "-j", "DROP")
+    r = lab.py("connect", REMOTE_IP4, "8100", "--fastopen")
+    assert json.loads(r.stdout)["line"].startswith("ERROR"), r.stdout   # never established
+    def lines():
+        with open(log) as f:
+            return f.read().strip().splitlines()
+    lab.wait_for(lambda: len(lines()) == 11,
+                 what="the proxy's line for the half-open Fast Open connection")
+    last = lines()[-1]
+    assert last.startswith(f"out orig={REMOTE_IP4}:8100 "), last
 
 
 # ---------------------------------------------------------------- other namespaces
