@@ -38,17 +38,18 @@ def install_other(lab, name, cgroup, netns, *args):
 
 # ---------------------------------------------------------------- several instances
 
-@pytest.mark.parametrize("layout", ["siblings", "nested"])
+@pytest.mark.parametrize("layout", ["siblings", "nested", "same-cgroup"])
 def test_several_instances_each_answer_for_their_own(lab, layout):
     # Two pods, each with its own instance and configuration. Nested: the outer instance
     # (on the lab's cgroup) also runs for the inner pod's sockets, after the inner one;
-    # it must leave the inner instance's SO_ORIGINAL_DST answer alone.
+    # it must leave the inner instance's SO_ORIGINAL_DST answer alone. Same cgroup: both
+    # instances' programs run for both pods' sockets, one after the other.
     other_ns = lab.add_netns()
-    inner = lab.child_cgroup("inner")
-    if layout == "siblings":
-        outer = lab.child_cgroup("outer")
+    if layout == "same-cgroup":
+        inner = outer = lab.cgroup
     else:
-        outer = lab.cgroup
+        inner = lab.child_cgroup("inner")
+        outer = lab.child_cgroup("outer") if layout == "siblings" else lab.cgroup
     # pod A: the lab's namespace; port 8001 excluded there only
     lab.spawn(LS + ["listen", "out:15001"], user=DP_UID, in_cgroup=outer)
     lab.spawn(LS + ["listen", "remote:8000", "remote:8001"], ns=lab.remote_ns,
