@@ -177,6 +177,7 @@ def cmd_proxy(args):
             log.write(f"proxy: upstream {orig} failed: {e}\n")
             conn.close()
             continue
+        up.settimeout(None)   # the 5 s were for connecting: a held connection may idle
         for a, b in ((conn, up), (up, conn)):
             threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
 
