@@ -38,16 +38,13 @@
 #define TP_EEXIST 17
 
 /* Is this socket in the instance's network namespace? Checked where the kernel can tell
- * (5.15); before that, connect4/6's check on the application's socket is what scopes the
- * outbound path, and the listener registration is unchecked (check says so). */
+ * (5.15); before that tp_sockops_netns() is the instance's own cookie, so this holds:
+ * connect4/6's check on the application's socket is what scopes the outbound path, and
+ * the listener registration is unchecked (check says so). */
 static __always_inline int tp_sockops_in_netns(struct bpf_sock_ops *skops,
 					       const struct tp_config *cfg)
 {
-#ifdef TP_SOCKOPS_NETNS_COOKIE
-	return !cfg->netns_cookie || bpf_get_netns_cookie(skops) == cfg->netns_cookie;
-#else
-	return 1;
-#endif
+	return !cfg->netns_cookie || tp_sockops_netns(skops, cfg) == cfg->netns_cookie;
 }
 
 /* Acceleration joins sockets by address alone, so it needs the network namespace check:
@@ -174,15 +171,14 @@ int sock_ops(struct bpf_sock_ops *skops)
 		return 1;
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
-		/* Only sockets connect4/6 redirected have an original destination. */
+		/* Only sockets connect4/6 redirected have an original destination: every
+		 * other connect() leaves after this one lookup. */
 		orig = tp_sk_orig.sk_storage_get(sk, 0, 0);
-		cfg = tp_active_config(&gen);
-		if (orig && cfg)
+		if (orig && (cfg = tp_active_config(&gen)))
 			tp_conn_record(skops, orig, cfg);
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		cfg = tp_active_config(&gen);
-		if (cfg && tp_sk_orig.sk_storage_get(sk, 0, 0))
+		if (tp_sk_orig.sk_storage_get(sk, 0, 0) && (cfg = tp_active_config(&gen)))
 			tp_accel_join_checked(skops, sk, cfg);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:

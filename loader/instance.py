@@ -356,7 +356,7 @@ def _install_locked(settings, cgroup_path, paths, p, progress):
     os.makedirs(paths.links, exist_ok=True)
     _log(progress, "probing kernel features")
     try:
-        features = probe.build_features(probe.probe_hooks())
+        features = probe.build_features(probe.probe_hooks(learn_cookie=False))
     except Exception as e:
         raise InstallError(f"BCC could not build the feature probes ({str(e).splitlines()[0]})"
                            "; run 'make setup' and 'ebpf-tproxy check'") from None

@@ -90,11 +90,10 @@ class Lab:
         in a namespace: a rule that needs connection tracking, which from then on tracks
         every connection of the namespace and answers SO_ORIGINAL_DST for each of them."""
         for ns in (self.app_ns, self.remote_ns):
-            for chain in ("OUTPUT", "INPUT"):
-                sh("nsenter", f"--net=/run/netns/{ns}", "iptables", "-w", "-A", chain, "-m",
-                   "conntrack", "--ctstate", "INVALID", "-j", "DROP")
-                sh("nsenter", f"--net=/run/netns/{ns}", "ip6tables", "-w", "-A", chain,
-                   "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP")
+            for tool in ("iptables", "ip6tables"):
+                for chain in ("OUTPUT", "INPUT"):
+                    sh("nsenter", f"--net=/run/netns/{ns}", tool, "-w", "-A", chain, "-m",
+                       "conntrack", "--ctstate", "INVALID", "-j", "DROP")
 
     def add_netns(self):
         """Another namespace in the lab (loopback up, nothing else), removed by close()."""

@@ -9,6 +9,7 @@ in tp_listeners. Later restarts are sock_ops' job again.
 """
 import ctypes as ct
 import os
+import socket
 
 from . import abi, bpfsys, kernel
 
@@ -28,7 +29,7 @@ def _loopback(hex_addr):
 
 
 def listening_inodes(port):
-    """{inode: TP_LISTENER_V4/V6} of sockets listening on port in this network namespace, except
+    """{inode: TP_LISTENER_V4/V6} of sockets listening on port in this namespace, except
     loopback-only ones (as sock_ops: they never receive connections from other hosts)."""
     out = {}
     for path, key in (("/proc/net/tcp", abi.TP_LISTENER_V4), ("/proc/net/tcp6",
@@ -96,7 +97,6 @@ SO_COOKIE = 57
 
 
 def _socket_cookie(fd):
-    import socket
     s = socket.socket(fileno=os.dup(fd))
     try:
         return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")

@@ -180,7 +180,7 @@ def build_features(results):
     return tuple(FEATURE_MACROS[f] for f, ok, _, _ in results if ok and f in FEATURE_MACROS)
 
 
-def probe_hooks():
+def probe_hooks(learn_cookie=True):
     """[(feature, ok, error (or a detail when ok), programs it enables)]; raises if BCC
     cannot compile at all."""
     from .programs import QUIET_CFLAGS, bcc_compile, fd2_captured
@@ -204,6 +204,7 @@ def probe_hooks():
     results.append(("SO_NETNS_COOKIE", cookie != 0,
                     "supported" if cookie else "getsockopt(SO_NETNS_COOKIE) is not supported",
                     ()))
-    learned, how = learn_netns_cookie()
-    results.append(("instance netns cookie", learned != 0, how, ()))
+    if learn_cookie:   # install learns it once itself (instance.install)
+        learned, how = learn_netns_cookie()
+        results.append(("instance netns cookie", learned != 0, how, ()))
     return results
