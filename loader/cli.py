@@ -444,7 +444,7 @@ def demo(keep_going):
     Builds network namespaces, a child cgroup and a small proxy, installs capture, makes
     requests, prints what the proxy saw and `status`, uninstalls and shows the host clean.
     """
-    from . import demo as demo_mod
+    from .lab import demo as demo_mod
     sys.exit(demo_mod.run(pause=keep_going))
 
 

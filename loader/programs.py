@@ -13,7 +13,17 @@ import tempfile
 
 from . import bpfsys
 
-BPF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf")
+
+def _bpf_dir():
+    """The C sources: package data loader/bpf/ when installed, else the checkout's bpf/."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    installed = os.path.join(here, "bpf")
+    if os.path.isfile(os.path.join(installed, "connect.c")):
+        return installed
+    return os.path.join(os.path.dirname(here), "bpf")
+
+
+BPF_DIR = _bpf_dir()
 PROGRAM_FILES = ("connect.c", "udp.c", "sock_ops.c", "getsockopt.c", "getpeername.c",
                  "sk_lookup.c", "sk_msg.c")
 _INCLUDE = re.compile(r'^\s*#include "([^"]+)"\s*$')

@@ -73,9 +73,9 @@ def pytest_generate_tests(metafunc):
 def listeners(lab):
     """The lab's listeners: the proxy's outbound/inbound ports and a local service in the
     app namespace (in the cgroup, like Envoy beside the app), remote services elsewhere."""
-    lab.spawn([sys.executable, "-m", "loader.labservers", "listen",
+    lab.spawn([sys.executable, "-m", "loader.lab.servers", "listen",
                "out:15001", "in:15006", "local:8000"], user=DP_UID)
-    lab.spawn([sys.executable, "-m", "loader.labservers", "listen",
+    lab.spawn([sys.executable, "-m", "loader.lab.servers", "listen",
                "remote:8000", "remote:8001"], ns=lab.remote_ns, in_cgroup=False)
 
 

@@ -46,14 +46,14 @@ def wait_status(lab, pred, timeout=60.0):
 
 
 def echo_lab(lab, proxy="haproxy"):
-    lab.spawn([sys.executable, "-m", "loader.labservers", "echo", "7000"],
+    lab.spawn([sys.executable, "-m", "loader.lab.servers", "echo", "7000"],
               ns=lab.remote_ns, in_cgroup=False)
     if proxy == "haproxy":
         cfg = lab.shared_file("haproxy.cfg", haproxy_config(15001, "orig 0.0.0.0:0"))
         proc = lab.spawn(["haproxy", "-db", "-f", cfg], user=DP_UID, ready=None)
         lab.wait_listening(15001, proc=proc)
     else:
-        lab.spawn([sys.executable, "-m", "loader.labservers", "proxy", "--port", "15001"],
+        lab.spawn([sys.executable, "-m", "loader.lab.servers", "proxy", "--port", "15001"],
                   user=DP_UID)
 
 
@@ -67,7 +67,7 @@ def transfer(lab, host, nbytes, parallel, chunk=65536):
 def hold_connection(lab):
     """One open connection from the application to the echo server; returns say(line) ->
     the echoed line (say(None) closes it and waits for the process to end)."""
-    proc = lab.spawn([sys.executable, "-m", "loader.labservers", "hold", REMOTE_IP4, "7000"],
+    proc = lab.spawn([sys.executable, "-m", "loader.lab.servers", "hold", REMOTE_IP4, "7000"],
                      stdin=subprocess.PIPE)
 
     def say(line):

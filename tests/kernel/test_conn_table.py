@@ -25,7 +25,7 @@ def wait_for_line(path, timeout=60.0):
 def test_answer_survives_an_application_that_closes_before_accept(lab):
     log = lab.shared_file("listener.log", "")
     os.chmod(log, 0o666)
-    lab.spawn([sys.executable, "-m", "loader.labservers", "listen", "out:15001",
+    lab.spawn([sys.executable, "-m", "loader.lab.servers", "listen", "out:15001",
                "--log", log, "--accept-delay", "0.5"], user=DP_UID)
     install(lab)
     r = reached(lab, REMOTE_IP4, 8000, close_at_once=True)
@@ -37,7 +37,7 @@ def test_answer_survives_an_application_that_closes_before_accept(lab):
 def test_no_leak_when_the_proxy_never_sees_the_connection(lab):
     # The proxy outside the cgroup: sock_ops never sees its end, so the application's
     # close alone must free the entry.
-    lab.spawn([sys.executable, "-m", "loader.labservers", "listen", "out:15001"],
+    lab.spawn([sys.executable, "-m", "loader.lab.servers", "listen", "out:15001"],
               user=DP_UID, in_cgroup=False)
     install(lab)
     for _ in range(20):

@@ -28,7 +28,7 @@ from loader.lab import APP_IP4, APP_IP6, REMOTE_IP4, REMOTE_IP6, Lab
 
 from .conftest import DP_UID, DP_USER, OTHER_UID, sh_in
 
-LS = [sys.executable, "-m", "loader.labservers"]
+LS = [sys.executable, "-m", "loader.lab.servers"]
 USERS = [0, DP_UID, OTHER_UID]
 DESTS = [REMOTE_IP4, APP_IP4, "127.0.0.1", "127.0.0.5", REMOTE_IP6, APP_IP6, "::1"]
 PORTS = [8000, 8001]

@@ -19,7 +19,7 @@ CONNTRACK_BOTH = True
 
 MESH, UPSTREAM = "240.0.0.1", "198.18.0.99"
 OTHER_RESOLVER = "198.18.0.4"     # a second resolver on the remote host, not in resolv.conf
-LS = [sys.executable, "-m", "loader.labservers"]
+LS = [sys.executable, "-m", "loader.lab.servers"]
 
 
 @pytest.fixture
@@ -153,7 +153,7 @@ def test_v4_mapped_query_on_an_ipv6_socket_follows_the_ipv4_rules(dns):
     # path (and the sendmsg4 hook) itself; the reply comes back through recvmsg6.
     install(dns, "--redirect-dns", "--config", dns.config, "--ip-family-mode", "ipv4")
     r = dns.run([sys.executable, "-c", "import socket;"
-                 "from loader.labservers import _dns_query, fmt;"
+                 "from loader.lab.servers import _dns_query, fmt;"
                  "s=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM);s.settimeout(3);"
                  f"s.sendto(_dns_query('demo.mesh'),('::ffff:{REMOTE_IP4}',53));"
                  "d,p=s.recvfrom(4096);"

@@ -24,7 +24,7 @@ def curl(lab, url):
 
 @pytest.fixture
 def server(lab):
-    lab.spawn([sys.executable, "-m", "loader.labservers", "http", "8080"], ns=lab.remote_ns,
+    lab.spawn([sys.executable, "-m", "loader.lab.servers", "http", "8080"], ns=lab.remote_ns,
               in_cgroup=False)
     return lab
 
@@ -53,7 +53,7 @@ def test_ipv6_end_to_end_through_the_lab_proxy(server):
     # lab's proxy, which asks SOL_IPV6/IP6T_SO_ORIGINAL_DST like Envoy does.
     lab = server
     install(lab)
-    lab.spawn([sys.executable, "-m", "loader.labservers", "proxy", "--port", "15001"],
+    lab.spawn([sys.executable, "-m", "loader.lab.servers", "proxy", "--port", "15001"],
               user=DP_UID)
     body, peer = curl(lab, f"http://[{REMOTE_IP6}]:8080/")
     assert body.startswith(f"client=[{APP_IP6}]:"), body
@@ -65,9 +65,9 @@ def test_inbound_end_to_end_through_the_lab_proxy(lab, app_ip):
     # A client on the remote host calls the application's HTTP server; the proxy's
     # inbound side learns the address it dialed and passes the request on from 127.0.0.6
     # (::6), as Envoy's inbound passthrough does.
-    lab.spawn([sys.executable, "-m", "loader.labservers", "http", "8080"])
+    lab.spawn([sys.executable, "-m", "loader.lab.servers", "http", "8080"])
     install(lab)
-    lab.spawn([sys.executable, "-m", "loader.labservers", "proxy", "--port", "15006",
+    lab.spawn([sys.executable, "-m", "loader.lab.servers", "proxy", "--port", "15006",
                "--passthrough"], user=DP_UID)
     host = f"[{app_ip}]" if ":" in app_ip else app_ip
     r = lab.run(["curl", "-sS", "-g", "-m", "10", f"http://{host}:8080/"], ns=lab.remote_ns,

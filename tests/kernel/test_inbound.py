@@ -17,7 +17,7 @@ from .residue import cgroup_attachments, pins, snapshot, wait_back_to
 # firewalld: SO_ORIGINAL_DST must be ours in both.
 CONNTRACK_BOTH = True
 
-LS = [sys.executable, "-m", "loader.labservers"]
+LS = [sys.executable, "-m", "loader.lab.servers"]
 
 
 def from_remote(lab, host, port):

@@ -14,7 +14,7 @@ from loader.lab import REMOTE_IP4
 from .conftest import CGROUP_HOOKS, DP_UID, DP_USER, install, listeners, reached
 from .residue import cgroup_attachments, pins, snapshot, wait_back_to
 
-LS = [sys.executable, "-m", "loader.labservers"]
+LS = [sys.executable, "-m", "loader.lab.servers"]
 
 
 def status(lab):

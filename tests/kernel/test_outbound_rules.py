@@ -178,6 +178,6 @@ def test_kuma_validator_lands_on_inbound_port(lab, ipv6):
     """kumactl install transparent-proxy-validator: as the DP user, listen on
     127.0.0.1:15006 (::1) and connect from 127.0.0.1 to 127.0.0.6:<20000-29999> (::6)."""
     install(lab)
-    r = lab.run([sys.executable, "-m", "loader.labservers", "validator"] +
+    r = lab.run([sys.executable, "-m", "loader.lab.servers", "validator"] +
                 (["--ipv6"] if ipv6 else []), user=DP_UID)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -13,7 +13,7 @@ from loader.lab import APP_IP4, REMOTE_IP4
 
 from .conftest import DP_UID, install, requires, sh_in
 
-LS = [sys.executable, "-m", "loader.labservers"]
+LS = [sys.executable, "-m", "loader.lab.servers"]
 
 # make kernels-ci (5.10, a minute a test under emulation) runs what depends on the kernel:
 # nested scoping with the learned cookie, listener slots, the handshake table, Fast Open.

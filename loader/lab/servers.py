@@ -1,33 +1,33 @@
 """Small network programs for the lab (demo and tests), run inside lab namespaces.
 
-    python -m loader.labservers listen TAG:PORT [TAG:PORT ...] [--log F] [--accept-delay S]
+    python -m loader.lab.servers listen TAG:PORT [TAG:PORT ...] [--log F] [--accept-delay S]
         Dual-stack listeners. Each accepted connection gets one line back:
         "<TAG> orig=<SO_ORIGINAL_DST or -> peer=<client> local=<our address>", then close.
         This is what the rule tests use to see which listener a connection reached.
-    python -m loader.labservers proxy --port 15001 [--log FILE] [--passthrough]
+    python -m loader.lab.servers proxy --port 15001 [--log FILE] [--passthrough]
         A small transparent proxy: reads SO_ORIGINAL_DST, logs it, forwards the bytes.
         --passthrough (the inbound side) connects from 127.0.0.6 / ::6, as Envoy's inbound
         passthrough does, so the forwarded connection is not captured again (Kuma rule 4c).
         A missing answer is logged loudly and the connection dropped: never a loop to itself.
-    python -m loader.labservers connect HOST PORT [--bind ADDR] [--count N]
+    python -m loader.lab.servers connect HOST PORT [--bind ADDR] [--count N]
         Connect, print the line received (or REFUSED / the error), or with --count N
         make N connections and print one summary line of JSON.
-    python -m loader.labservers echo PORT
+    python -m loader.lab.servers echo PORT
         Echo server (a long-lived application connection).
-    python -m loader.labservers hold HOST PORT
+    python -m loader.lab.servers hold HOST PORT
         Connect once and keep the connection: each stdin line is sent, its echo printed.
-    python -m loader.labservers dns PORT --a IPV4 --aaaa IPV6
+    python -m loader.lab.servers dns PORT --a IPV4 --aaaa IPV6
         A DNS server (UDP, both families) answering every A and AAAA question with these
         addresses: which server answered is told by the address in the answer.
-    python -m loader.labservers query SERVER NAME [--connected]
+    python -m loader.lab.servers query SERVER NAME [--connected]
         One A query over UDP, printed as JSON: the answer and the reply's source address
         (recvfrom), and with --connected the getpeername() of the connected socket.
-    python -m loader.labservers http PORT
+    python -m loader.lab.servers http PORT
         An HTTP server that answers every GET with "client=<peer> server=<local>".
-    python -m loader.labservers probe JSON
+    python -m loader.lab.servers probe JSON
         Many connections in one process: JSON is a list of [host, port, bind-or-null];
         prints a JSON list of {"line", "getpeername"} in the same order.
-    python -m loader.labservers validator [--ipv6]
+    python -m loader.lab.servers validator [--ipv6]
         Kuma's transparent-proxy validator: listen on 127.0.0.1:15006 (::1), connect from
         127.0.0.1 to 127.0.0.6:<20000-29999> (::6), succeed only if it lands there.
 """
@@ -479,7 +479,7 @@ def cmd_validator(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m loader.labservers")
+    ap = argparse.ArgumentParser(prog="python -m loader.lab.servers")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("listen")
     p.add_argument("specs", nargs="+")

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 
-from .lab import APP_IP4, REMOTE_IP4, REMOTE_IP6, Lab
+from . import APP_IP4, REMOTE_IP4, REMOTE_IP6, Lab
 
 DP_USER = "nobody"
 
@@ -45,14 +45,14 @@ def run(pause=False):
         with Lab("demo") as lab:
             step(f"lab: app host {APP_IP4} (cgroup {lab.cgroup}), remote host {REMOTE_IP4} "
                  f"/ {REMOTE_IP6}")
-            lab.spawn([sys.executable, "-m", "loader.labservers", "http", "8080"],
+            lab.spawn([sys.executable, "-m", "loader.lab.servers", "http", "8080"],
                       ns=lab.remote_ns, in_cgroup=False)
             log = lab.shared_file("proxy.log", "")
             os.chmod(log, 0o666)
             for port, extra in (("15001", []), ("15006", ["--passthrough"])):
-                lab.spawn([sys.executable, "-m", "loader.labservers", "proxy", "--port", port,
+                lab.spawn([sys.executable, "-m", "loader.lab.servers", "proxy", "--port", port,
                            "--log", log] + extra, user=DP_USER)
-            lab.spawn([sys.executable, "-m", "loader.labservers", "http", "8080"])
+            lab.spawn([sys.executable, "-m", "loader.lab.servers", "http", "8080"])
             print(f"remote host: HTTP server on :8080\napp host: the application's HTTP "
                   f"server on :8080, and a transparent proxy on :15001 (outbound) and :15006 "
                   f"(inbound) running as {DP_USER!r}, the DP user")

@@ -20,12 +20,12 @@ import tempfile
 import time
 import uuid
 
-from . import kernel
+from .. import kernel
 
 APP_IP4, REMOTE_IP4 = "198.18.0.1", "198.18.0.2"
 APP_IP6, REMOTE_IP6 = "fd00:7470::1", "fd00:7470::2"
 PYTHON = sys.executable
-PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def sh(*cmd, check=True, **kw):
@@ -204,8 +204,8 @@ class Lab:
         return env
 
     def py(self, *args, **kw):
-        """Run `python -m loader.labservers ARGS` in the lab."""
-        return self.run([PYTHON, "-m", "loader.labservers", *args], **kw)
+        """Run `python -m loader.lab.servers ARGS` in the lab."""
+        return self.run([PYTHON, "-m", "loader.lab.servers", *args], **kw)
 
     def tproxy(self, *args, netns=True, **kw):
         """Run the ebpf-tproxy CLI from the host, aimed at the lab (app netns, cgroup, bpffs)."""
@@ -242,7 +242,7 @@ class Lab:
         if self.bpffs:
             if kernel.is_bpffs(self.bpffs):
                 # Detach whatever an aborted test left attached, then drop the mount.
-                from . import instance
+                from .. import instance
                 for name in instance.list_instances(self.bpffs):
                     instance.uninstall(self.bpffs, name)
                 sh("umount", self.bpffs, check=False)
