@@ -21,7 +21,7 @@
  *  - every other option passes through untouched: optlen = 0 tells the kernel to keep
  *    its own result (values over a page would otherwise fail with EFAULT).
  */
-#include "tproxy_helpers.h"
+#include "tproxy_conn.h"
 
 /* Largest optlen the kernel's buffer for the program can hold (one page); a larger one
  * must be passed on as 0, or the call fails with EFAULT on older kernels. */
@@ -43,16 +43,12 @@ static __always_inline int tp_pass_on(struct bpf_sockopt *ctx)
  * destination, only the rewritten one. Refuse the call (EPERM) instead; a proxy closes
  * such a connection, which the application sees, rather than looping. */
 static __always_inline int tp_kernel_answer_is_a_loop(struct bpf_sockopt *ctx,
-						      struct bpf_sock *sk)
+						      struct bpf_sock *sk,
+						      const struct tp_config *cfg)
 {
-	struct tp_config *cfg;
 	u8 local[16];
 	u16 port;
-	u8 gen;
 
-	cfg = tp_active_config(&gen);
-	if (!cfg)
-		return 0;
 	port = (u16)sk->src_port;
 	if (port != cfg->outbound_port && port != cfg->inbound_port)
 		return 0;
@@ -85,7 +81,9 @@ static __always_inline int tp_kernel_answer_is_a_loop(struct bpf_sockopt *ctx,
 int getsockopt_orig_dst(struct bpf_sockopt *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
+	struct tp_config *cfg;
 	struct tp_answer *a;
+	u64 netns;
 
 	if (ctx->optname != TP_SO_ORIGINAL_DST ||
 	    (ctx->level != TP_SOL_IP && ctx->level != TP_SOL_IPV6)) {
@@ -96,12 +94,18 @@ int getsockopt_orig_dst(struct bpf_sockopt *ctx)
 		return tp_pass_on(ctx);
 	a = tp_sk_answer.sk_storage_get(sk, 0, 0);
 	if (!a) {
+		/* A proxy socket of a registered namespace carries the namespace (tp_sk_ns,
+		 * from its listener); any other socket's call is none of ours. */
+		netns = tp_sk_netns(sk);
+		cfg = netns ? tp_ns_config(netns) : NULL;
+		if (!cfg)
+			return tp_pass_on(ctx);
 		if (ctx->retval != 0) {
-			tp_count(TP_R_ORIG_DST_MISSED);
+			tp_count(netns, TP_R_ORIG_DST_MISSED);
 			return tp_pass_on(ctx);
 		}
-		if (tp_kernel_answer_is_a_loop(ctx, sk)) {
-			tp_count(TP_R_ORIG_DST_REFUSED);
+		if (tp_kernel_answer_is_a_loop(ctx, sk, cfg)) {
+			tp_count(netns, TP_R_ORIG_DST_REFUSED);
 			ctx->optlen = 0;
 			return 0;	/* EPERM */
 		}
@@ -134,7 +138,7 @@ int getsockopt_orig_dst(struct bpf_sockopt *ctx)
 		return tp_pass_on(ctx);
 	}
 	ctx->retval = 0;
-	tp_count(a->kind == TP_ANSWER_INBOUND ? TP_R_IN_ORIG_DST_ANSWERED :
-					     TP_R_ORIG_DST_ANSWERED);
+	tp_count(a->netns_cookie, a->kind == TP_ANSWER_INBOUND ? TP_R_IN_ORIG_DST_ANSWERED :
+								 TP_R_ORIG_DST_ANSWERED);
 	return 1;
 }

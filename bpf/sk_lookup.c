@@ -9,6 +9,11 @@
  * accepted socket's local address is the address the client dialed, which is therefore
  * what getsockname() and SO_ORIGINAL_DST return to the proxy. Established connections
  * never reach this program, so install and uninstall leave them alone.
+ *
+ * One link per registered namespace, all to the same program. sk_lookup has no netns
+ * cookie helper, so the namespace is found by the address the connection arrives at
+ * (tp_ns_addrs: each registered namespace's own addresses; install refuses an address
+ * another registered namespace already has).
  */
 #include "tproxy_inbound.h"
 
@@ -17,14 +22,15 @@
  * assigned (sk_assign without BPF_SK_LOOKUP_F_NO_REUSEPORT), so connections spread over
  * every worker's listener as they would without us. A listener registered for another
  * inbound port (before an upgrade changed it) is not the proxy's listener any more. */
-static __always_inline struct bpf_sock *tp_listener_for(u32 family, u16 port)
+static __always_inline struct bpf_sock *tp_listener_for(const struct tp_config *cfg,
+							 u32 family, u16 port)
 {
 	struct bpf_sock *sk;
-	u32 i, key;
+	u32 i, key, base = (cfg->ns_index * 2 + family) * TP_LISTENER_SLOTS;
 
 #pragma unroll
 	for (i = 0; i < TP_LISTENER_SLOTS; i++) {
-		key = family * TP_LISTENER_SLOTS + i;
+		key = base + i;
 		sk = (struct bpf_sock *)tp_listeners.lookup(&key);
 		if (!sk)
 			continue;
@@ -37,44 +43,49 @@ static __always_inline struct bpf_sock *tp_listener_for(u32 family, u16 port)
 
 int sk_lookup_inbound(struct bpf_sk_lookup *ctx)
 {
+	struct tp_addr_key local = {};
 	struct tp_config *cfg;
 	struct bpf_sock *sk;
 	u32 reason = 0;
 	u8 remote[16];
-	u8 gen = 0;
+	u64 *netns;
 	long err;
 
 	if (ctx->protocol != IPPROTO_TCP)
 		return SK_PASS;
-	cfg = tp_active_config(&gen);
+	if (ctx->family == TP_AF_INET) {
+		tp_addr_from_ip4(remote, ctx->remote_ip4);
+		tp_addr_from_ip4(local.addr, ctx->local_ip4);
+	} else {
+		tp_addr_from_ctx_ip6(remote, ctx->remote_ip6);
+		tp_addr_from_ctx_ip6(local.addr, ctx->local_ip6);
+	}
+	netns = tp_ns_addrs.lookup(&local);
+	cfg = netns ? tp_ns_config(*netns) : NULL;
 	if (!cfg)
 		return SK_PASS;
-	if (ctx->family == TP_AF_INET)
-		tp_addr_from_ip4(remote, ctx->remote_ip4);
-	else
-		tp_addr_from_ctx_ip6(remote, ctx->remote_ip6);
-	if (!tp_inbound_decide(gen, cfg, remote, (u16)ctx->local_port, &reason)) {
-		tp_count(reason);
+	if (!tp_inbound_decide(cfg, remote, (u16)ctx->local_port, &reason)) {
+		tp_count(cfg->netns_cookie, reason);
 		return SK_PASS;
 	}
 	/* An AF_INET6 listener that is not V6ONLY takes IPv4 too (Envoy's [::]:15006). */
-	sk = tp_listener_for(ctx->family == TP_AF_INET ? TP_LISTENER_V4 : TP_LISTENER_V6,
+	sk = tp_listener_for(cfg, ctx->family == TP_AF_INET ? TP_LISTENER_V4 : TP_LISTENER_V6,
 			     cfg->inbound_port);
 	if (!sk && ctx->family == TP_AF_INET)
-		sk = tp_listener_for(TP_LISTENER_V6, cfg->inbound_port);
+		sk = tp_listener_for(cfg, TP_LISTENER_V6, cfg->inbound_port);
 	if (!sk) {
 		/* No proxy: refuse (SK_DROP ends the lookup with no socket, so the client
 		 * gets a RST), as iptables' REDIRECT to a closed port would. Never deliver the
 		 * connection around the proxy. */
-		tp_count(TP_R_IN_NO_LISTENER);
+		tp_count(cfg->netns_cookie, TP_R_IN_NO_LISTENER);
 		return SK_DROP;
 	}
 	err = bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);
 	if (err) {
-		tp_count(TP_R_IN_NO_LISTENER);
+		tp_count(cfg->netns_cookie, TP_R_IN_NO_LISTENER);
 		return SK_DROP;
 	}
-	tp_count(TP_R_IN_REDIRECT);
+	tp_count(cfg->netns_cookie, TP_R_IN_REDIRECT);
 	return SK_PASS;
 }

@@ -25,8 +25,12 @@
  * --ebpf-accelerate: both ends of a redirected connection join tp_accel here
  * (tproxy_accel.h).
  *
+ * Every socket's namespace: the application's from tp_sk_orig (connect4/6 wrote it with
+ * the original destination), the proxy's from bpf_get_netns_cookie() (5.15) or else from
+ * tp_sk_ns (tproxy_conn.h). A socket of no registered namespace is left alone.
+ *
  * Inbound: BPF_SOCK_OPS_TCP_LISTEN_CB registers each proxy listener on the inbound port
- * in a free slot of tp_listeners for sk_lookup, so a restarted proxy is picked up at its
+ * in a free slot of its namespace's row of tp_listeners for sk_lookup, so a restarted proxy is picked up at its
  * listen(), with no reinstall, and every member of a SO_REUSEPORT group (Envoy: one per
  * worker) is there. Accepted inbound sockets get their answer (the address dialed) in
  * tp_sk_answer.
@@ -37,38 +41,27 @@
 
 #define TP_EEXIST 17
 
-/* Is this socket in the instance's network namespace? Checked where the kernel can tell
- * (5.15); before that tp_sockops_netns() is the instance's own cookie, so this holds:
- * connect4/6's check on the application's socket is what scopes the outbound path, and
- * the listener registration is unchecked (check says so). */
-static __always_inline int tp_sockops_in_netns(struct bpf_sock_ops *skops,
-					       const struct tp_config *cfg)
-{
-	return !cfg->netns_cookie || tp_sockops_netns(skops, cfg) == cfg->netns_cookie;
-}
-
-/* Acceleration joins sockets by address alone, so it needs the network namespace check:
- * the loader refuses --ebpf-accelerate on kernels built without it. */
+/* Acceleration joins sockets by address and namespace, and the proxy's socket can tell
+ * its namespace only from 5.15: the loader refuses --ebpf-accelerate without it. */
 static __always_inline void tp_accel_join_checked(struct bpf_sock_ops *skops,
 						  struct bpf_sock *sk, const struct tp_config *cfg)
 {
 #ifdef TP_SOCKOPS_NETNS_COOKIE
-	if (tp_sockops_in_netns(skops, cfg))
-		tp_accel_join(skops, sk, cfg);
+	tp_accel_join(skops, sk, cfg);
 #endif
 }
 
 /* The application's SYN is about to leave: record where it was going. */
 static __always_inline void tp_conn_record(struct bpf_sock_ops *skops,
-					   const struct tp_orig_dst *orig,
+					   const struct tp_sk_orig *o,
 					   const struct tp_config *cfg)
 {
 	struct tp_conn_key k = {};
 	struct tp_conn c = {};
 	long err;
 
-	tp_key_from_sockops(&k, skops, 0, tp_sockops_netns(skops, cfg));
-	__builtin_memcpy(&c.orig, orig, sizeof(c.orig));
+	tp_key_from_sockops(&k, skops, 0, o->netns_cookie);
+	__builtin_memcpy(&c.orig, &o->orig, sizeof(c.orig));
 	/* Never overwrite blindly (BPF_ANY): a live entry under the same key would be another
 	 * connection's answer. None can be live: the application's socket owns this 4-tuple
 	 * in its namespace now, so an entry already there is a dead connection's. */
@@ -76,42 +69,42 @@ static __always_inline void tp_conn_record(struct bpf_sock_ops *skops,
 	if (err == -TP_EEXIST) {
 		err = tp_conns.update(&k, &c);
 		if (!err)
-			tp_count(TP_R_CONN_REPLACED);
+			tp_count(cfg->netns_cookie, TP_R_CONN_REPLACED);
 	}
 	if (err) {
-		tp_count(TP_R_CONN_TRACK_FAILED);
+		tp_count(cfg->netns_cookie, TP_R_CONN_TRACK_FAILED);
 		return;
 	}
-	tp_count(TP_R_CONN_TRACKED);
+	tp_count(cfg->netns_cookie, TP_R_CONN_TRACKED);
 	/* To delete the entry if the proxy never takes it (see the header comment). */
 	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 static __always_inline void tp_answer_set(struct bpf_sock *sk, const struct tp_orig_dst *orig,
-					  u32 kind)
+					  u32 kind, const struct tp_config *cfg)
 {
 	struct tp_answer *a = tp_sk_answer.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 
 	if (!a) {
-		tp_count(TP_R_NO_STORAGE);	/* SO_ORIGINAL_DST fails for it: loud, not wrong */
+		/* SO_ORIGINAL_DST fails for it: loud, not wrong */
+		tp_count(cfg->netns_cookie, TP_R_NO_STORAGE);
 		return;
 	}
 	__builtin_memcpy(&a->orig, orig, sizeof(a->orig));
 	a->kind = kind;
+	a->netns_cookie = cfg->netns_cookie;
 }
 
-static __always_inline void tp_register_listener(struct bpf_sock_ops *skops)
+static __always_inline void tp_register_listener(struct bpf_sock_ops *skops,
+						 struct bpf_sock *sk)
 {
 	struct tp_config *cfg;
 	u32 key, base, i;
 	u8 local[16];
 	long err = -1;
-	u8 gen;
 
-	cfg = tp_active_config(&gen);
+	cfg = tp_ns_config(tp_sockops_netns(skops, sk));
 	if (!cfg || (u16)skops->local_port != cfg->inbound_port || !(cfg->flags & TP_F_INBOUND))
-		return;
-	if (!tp_sockops_in_netns(skops, cfg))
 		return;
 	/* A listener on loopback (Kuma's validator listens on 127.0.0.1:15006) could never
 	 * receive a connection from another host behind iptables either; registering it would
@@ -122,7 +115,8 @@ static __always_inline void tp_register_listener(struct bpf_sock_ops *skops)
 		tp_addr_from_ctx_ip6(local, skops->local_ip6);
 	if (tp_addr_is_loopback_net(local))
 		return;
-	base = (skops->family == TP_AF_INET ? TP_LISTENER_V4 : TP_LISTENER_V6) *
+	base = (cfg->ns_index * 2 +
+		(skops->family == TP_AF_INET ? TP_LISTENER_V4 : TP_LISTENER_V6)) *
 	       TP_LISTENER_SLOTS;
 	/* The first free slot: BPF_NOEXIST fails on a slot whose socket still lives (the
 	 * kernel empties a slot when its socket closes). Unrolled for the 5.x verifiers. */
@@ -135,37 +129,47 @@ static __always_inline void tp_register_listener(struct bpf_sock_ops *skops)
 		if (!err)
 			break;
 	}
-	tp_count(err ? TP_R_IN_LISTENER_FAILED : TP_R_IN_LISTENER_SET);
+	tp_count(cfg->netns_cookie, err ? TP_R_IN_LISTENER_FAILED : TP_R_IN_LISTENER_SET);
 }
 
 /* An accepted socket that sk_lookup steered to the proxy: the same decision again, on
  * the same four values (the proxy's socket has the address the client dialed, which is
  * therefore the answer: no NAT happened). */
-static __always_inline void tp_mark_inbound(struct bpf_sock_ops *skops, struct bpf_sock *sk,
-					    const struct tp_conn_key *k,
-					    const struct tp_config *cfg, u8 gen)
+static __always_inline void tp_mark_inbound(struct bpf_sock *sk, const struct tp_conn_key *k,
+					    const struct tp_config *cfg)
 {
 	struct tp_orig_dst orig = {};
 	u32 reason;
 
-	if (!tp_sockops_in_netns(skops, cfg))
-		return;
-	if (!tp_inbound_decide(gen, cfg, k->app_addr, k->proxy_port, &reason))
+	if (!tp_inbound_decide(cfg, k->app_addr, k->proxy_port, &reason))
 		return;
 	__builtin_memcpy(orig.addr, k->proxy_addr, 16);
 	orig.port = k->proxy_port;
 	orig.family = tp_addr_is_mapped(k->proxy_addr) ? TP_AF_INET : TP_AF_INET6;
-	tp_answer_set(sk, &orig, TP_ANSWER_INBOUND);
+	tp_answer_set(sk, &orig, TP_ANSWER_INBOUND, cfg);
+}
+
+/* The application's socket and its namespace's configuration, if connect4/6 redirected
+ * it and the namespace is still registered. */
+static __always_inline struct tp_sk_orig *tp_app_orig(struct bpf_sock *sk,
+						      struct tp_config **cfg)
+{
+	struct tp_sk_orig *o = tp_sk_orig.sk_storage_get(sk, 0, 0);
+
+	if (!o)
+		return NULL;
+	*cfg = tp_ns_config(o->netns_cookie);
+	return *cfg ? o : NULL;
 }
 
 int sock_ops(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
 	struct tp_conn_key k = {};
-	struct tp_orig_dst *orig;
-	struct tp_config *cfg;
+	struct tp_config *cfg = NULL;
+	struct tp_sk_orig *o;
 	struct tp_conn *c;
-	u8 gen = 0;
+	u64 netns;
 
 	if (!sk)
 		return 1;
@@ -173,43 +177,45 @@ int sock_ops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		/* Only sockets connect4/6 redirected have an original destination: every
 		 * other connect() leaves after this one lookup. */
-		orig = tp_sk_orig.sk_storage_get(sk, 0, 0);
-		if (orig && (cfg = tp_active_config(&gen)))
-			tp_conn_record(skops, orig, cfg);
+		o = tp_app_orig(sk, &cfg);
+		if (o && cfg)
+			tp_conn_record(skops, o, cfg);
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		if (tp_sk_orig.sk_storage_get(sk, 0, 0) && (cfg = tp_active_config(&gen)))
+		if (tp_app_orig(sk, &cfg) && cfg)
 			tp_accel_join_checked(skops, sk, cfg);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		cfg = tp_active_config(&gen);
+		netns = tp_sockops_netns(skops, sk);
+		cfg = tp_ns_config(netns);
 		if (!cfg)
 			break;
-		tp_key_from_sockops(&k, skops, 1, tp_sockops_netns(skops, cfg));
+		tp_key_from_sockops(&k, skops, 1, netns);
 		c = tp_conns.lookup(&k);
 		if (!c) {
-			tp_mark_inbound(skops, sk, &k, cfg, gen);
+			tp_mark_inbound(sk, &k, cfg);
 			break;
 		}
-		tp_answer_set(sk, &c->orig, TP_ANSWER_OUTBOUND);
+		tp_answer_set(sk, &c->orig, TP_ANSWER_OUTBOUND, cfg);
 		if (!tp_conns.delete(&k))
-			tp_count(TP_R_CONN_RELEASED);
+			tp_count(netns, TP_R_CONN_RELEASED);
 		tp_accel_join_checked(skops, sk, cfg);
 		break;
 	case BPF_SOCK_OPS_TCP_LISTEN_CB:
-		tp_register_listener(skops);
+		tp_register_listener(skops, sk);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		/* Set on recorded application sockets only: drop an entry the proxy never
-		 * took (refused, never accepted, proxy outside the cgroup). */
+		 * took (refused, never accepted, proxy outside the cgroup). Even if the
+		 * namespace was unregistered since: nothing of it may stay behind. */
 		if (skops->args[1] != BPF_TCP_CLOSE)
 			break;
-		cfg = tp_active_config(&gen);
-		if (!cfg)
+		o = tp_sk_orig.sk_storage_get(sk, 0, 0);
+		if (!o)
 			break;
-		tp_key_from_sockops(&k, skops, 0, tp_sockops_netns(skops, cfg));
+		tp_key_from_sockops(&k, skops, 0, o->netns_cookie);
 		if (!tp_conns.delete(&k))
-			tp_count(TP_R_CONN_RELEASED);
+			tp_count(o->netns_cookie, TP_R_CONN_RELEASED);
 		break;
 	}
 	return 1;

@@ -17,9 +17,13 @@
 
 /* Layout version: part of the pin directory, so an incompatible loader never reuses the
  * maps of an older one by accident. Bump it when any struct below changes. */
-#define TP_ABI_VERSION 3
+#define TP_ABI_VERSION 4
 
-#define TP_MAX_UID_RULES 32      /* --exclude-outbound-ports-for-uids entries */
+/* Network namespaces one node program set serves at once (tp_ns). Kubernetes runs 110 pods
+ * a node by default; every per-namespace table is keyed by the namespace's cookie and
+ * allocated per entry (BPF_F_NO_PREALLOC), so this bounds memory, it does not reserve it. */
+#define TP_MAX_NS 1024
+#define TP_MAX_UID_RULES 32      /* --exclude-outbound-ports-for-uids entries (per namespace) */
 #define TP_MAX_PORT_RANGES 16    /* port ranges in one such entry */
 /* Redirected connections between connect() and the proxy's end existing at once (the
  * table only spans the handshake). The loader may build it smaller (-DTP_CONN_MAX), which
@@ -50,8 +54,9 @@
 #define TP_CIDR_DNS_SERVER 4     /* nameservers of resolv.conf (redirect.dns.resolvConfigPath) */
 
 /* Keys of tp_listeners: the proxy's listening sockets on the inbound port, in slots per
- * family: key = family * TP_LISTENER_SLOTS + slot. Envoy opens one SO_REUSEPORT listener
- * per worker; each takes a slot, so the group stays reachable while any member lives. */
+ * namespace and family: key = (ns_index * 2 + family) * TP_LISTENER_SLOTS + slot, where
+ * ns_index is the namespace's row (tp_config.ns_index). Envoy opens one SO_REUSEPORT
+ * listener per worker; each takes a slot, so the group stays reachable while any lives. */
 #define TP_LISTENER_V4 0         /* AF_INET listeners (0.0.0.0 or an address) */
 #define TP_LISTENER_V6 1         /* AF_INET6 listeners; serve IPv4 too unless V6ONLY */
 #define TP_LISTENER_SLOTS 16
@@ -63,8 +68,7 @@
 #define TP_ACCEL_ON 1            /* in tp_accel: sendmsg goes straight to the peer socket */
 #define TP_ACCEL_TCP 2           /* once through TCP, always through TCP (byte order) */
 
-/* Acceleration counters (tp_accel_counters): a map of their own, so that tp_counters and
- * the pinned maps of ABI 2 keep their layout. */
+/* Acceleration counters: struct tp_counters.accel[]. */
 #define TP_A_SOCK_ADDED 0        /* a socket (application or proxy end) joined tp_accel */
 #define TP_A_SOCK_FAILED 1       /* tp_accel full or storage refused: that end stays on TCP */
 #define TP_A_MSG_REDIRECTED 2    /* a sendmsg went socket to socket */
@@ -80,7 +84,7 @@
 #define TP_PROTO_UDP 0x2
 
 /* Why a connect() was decided the way it was: one counter each (tp_counters). */
-#define TP_R_OTHER_NETNS 0        /* socket in another netns than the instance: untouched */
+#define TP_R_UNUSED_0 0           /* (was: another netns; those now leave uncounted) */
 #define TP_R_FAMILY_OFF 1         /* IPv6 with ipFamilyMode ipv4 */
 #define TP_R_EXCL_UID_PORT 2      /* rule 1: exclude-outbound-ports-for-uids */
 #define TP_R_EXCL_IP 3            /* rule 2: exclude-outbound-ips */
@@ -121,16 +125,21 @@
 #define TP_R_CONN_REPLACED 36     /* a stale tp_conns entry under the same key was replaced */
 #define TP_R_COUNT 37
 
+/* One namespace's configuration: the value of tp_ns, keyed by the namespace's cookie.
+ * Replacing the whole value is what switches a namespace to a new configuration at once
+ * (tp_ns is BPF_F_NO_PREALLOC: an update swaps in a new element, a program that looked up
+ * the old one keeps reading it whole until it finishes). */
 struct tp_config {
 	__u32 flags;            /* TP_F_* */
 	__u32 dp_uid;           /* --kuma-dp-user */
 	__u16 outbound_port;    /* --redirect-outbound-port */
 	__u16 inbound_port;     /* --redirect-inbound-port */
 	__u16 dns_port;         /* --redirect-dns-port */
-	__u16 pad;
+	__u8 gen;               /* generation of this namespace's port, CIDR and uid entries */
+	__u8 pad;
 	__u32 n_uid_rules;      /* entries used in tp_uid_rules for this generation */
-	__u32 reserved;         /* explicit: no implicit hole before the u64 */
-	__u64 netns_cookie;     /* only sockets of this netns are touched; 0 = any */
+	__u32 ns_index;         /* the namespace's row in tp_listeners (< TP_MAX_NS) */
+	__u64 netns_cookie;     /* the key it is stored under, kept for status */
 	__u8 instance_ip4[16];  /* source for redirected IPv4 connections (mapped); 0 = none */
 	__u8 instance_ip6[16];  /* source for redirected IPv6 connections; 0 = none */
 };
@@ -149,16 +158,28 @@ struct tp_uid_rule {
 	struct tp_port_range ranges[TP_MAX_PORT_RANGES];
 };
 
+struct tp_uid_rule_key {
+	__u64 netns_cookie;
+	__u32 index;            /* gen * TP_MAX_UID_RULES + rule */
+	__u32 pad;
+};
+
 struct tp_port_key {
+	__u64 netns_cookie;
 	__u8 gen;
 	__u8 kind;              /* TP_PORT_* */
 	__u16 port;
+	__u32 pad;              /* explicit: hash keys compare every byte */
 };
 
-/* LPM key. The family byte keeps an IPv6 CIDR such as ::/0 from matching IPv4 traffic,
- * which is stored mapped: ip6tables rules never see IPv4 packets either. */
+/* LPM key. The namespace's cookie comes first, so one trie serves every namespace. The
+ * family byte keeps an IPv6 CIDR such as ::/0 from matching IPv4 traffic, which is stored
+ * mapped: ip6tables rules never see IPv4 packets either. The cookie is two 32-bit words:
+ * a __u64 right after prefixlen would leave a hole the trie would compare. */
 struct tp_cidr_key {
-	__u32 prefixlen;        /* 32 (gen, kind, family, pad) + 128 address bits at most */
+	__u32 prefixlen;        /* 64 (cookie) + 32 (gen, kind, family, pad) + 128 at most */
+	__u32 netns_lo;         /* the cookie's low and high words */
+	__u32 netns_hi;
 	__u8 gen;
 	__u8 kind;              /* TP_CIDR_* */
 	__u8 family;            /* 4 or 6 */
@@ -166,11 +187,26 @@ struct tp_cidr_key {
 	__u8 addr[16];
 };
 
+/* One of a namespace's own addresses: the key of tp_ns_addrs, by which sk_lookup (which
+ * has no netns cookie helper) finds the namespace a connection arrives in. */
+struct tp_addr_key {
+	__u8 addr[16];          /* mapped for IPv4 */
+};
+
 /* The original destination of one redirected connection. */
 struct tp_orig_dst {
 	__u8 addr[16];          /* mapped for IPv4 */
 	__u16 port;
 	__u16 family;           /* AF_INET or AF_INET6: the answer's sockaddr family */
+};
+
+/* What connect4/6 keeps with the application's socket (tp_sk_orig): where it was going,
+ * and the namespace whose rules decided it, for the hooks that run later without a netns
+ * cookie of their own (sock_ops before 5.15). */
+struct tp_sk_orig {
+	struct tp_orig_dst orig;
+	__u32 pad;
+	__u64 netns_cookie;
 };
 
 /* A connection as the application's socket sees it, in its network namespace: the key
@@ -185,12 +221,15 @@ struct tp_conn_key {
 };
 
 /* One socket as it sees its connection: the key of tp_accel. The peer socket's key is the
- * same four values swapped (both ends live in the same network namespace, no NAT). */
+ * same four values swapped (both ends live in the same network namespace, no NAT); the
+ * cookie keeps equal loopback 4-tuples of different namespaces apart. */
 struct tp_sock_key {
+	__u64 netns_cookie;
 	__u8 local_addr[16];
 	__u8 remote_addr[16];
 	__u16 local_port;
 	__u16 remote_port;
+	__u32 pad;
 };
 
 /* A redirected connection from the application's SYN until the proxy's end exists. */
@@ -203,13 +242,26 @@ struct tp_conn {
 struct tp_answer {
 	struct tp_orig_dst orig;
 	__u32 kind;             /* TP_ANSWER_* */
+	__u64 netns_cookie;     /* the namespace it was decided for: counters */
 };
 
-/* The instance's description, as JSON written by the loader (status reads it back). */
-#define TP_META_SIZE 65532
+/* Counters of one namespace (the value of tp_counters, per CPU, keyed by its cookie). */
+struct tp_ns_counters {
+	__u64 reason[TP_R_COUNT];
+	__u64 accel[TP_A_COUNT];
+};
+
+/* A description as JSON written by the loader (status reads it back): the node program
+ * set's (tp_node) and each namespace's (tp_ns_meta, keyed by its registration name). */
+#define TP_META_SIZE 16380
+#define TP_NAME_MAX 64
 struct tp_meta {
 	__u32 len;
 	char json[TP_META_SIZE];
+};
+
+struct tp_name {
+	char name[TP_NAME_MAX];  /* NUL-padded */
 };
 
 #endif /* TPROXY_ABI_H */

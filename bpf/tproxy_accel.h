@@ -18,17 +18,18 @@
 
 #include "tproxy_helpers.h"
 
-static __always_inline void tp_accel_count(u32 what)
+static __always_inline void tp_accel_count(u64 netns, u32 what)
 {
-	u64 *c = tp_accel_counters.lookup(&what);
+	struct tp_ns_counters *c = tp_counters.lookup(&netns);
 
-	if (c)
-		*c += 1;
+	if (c && what < TP_A_COUNT)
+		c->accel[what] += 1;
 }
 
 static __always_inline void tp_sock_key_from_sockops(struct tp_sock_key *k,
-						     struct bpf_sock_ops *skops)
+						     struct bpf_sock_ops *skops, u64 netns)
 {
+	k->netns_cookie = netns;
 	if (skops->family == TP_AF_INET) {
 		tp_addr_from_ip4(k->local_addr, skops->local_ip4);
 		tp_addr_from_ip4(k->remote_addr, skops->remote_ip4);
@@ -42,8 +43,10 @@ static __always_inline void tp_sock_key_from_sockops(struct tp_sock_key *k,
 }
 
 /* The key under which the peer of msg's socket is in tp_accel: its own view swapped. */
-static __always_inline void tp_peer_key_from_msg(struct tp_sock_key *k, struct sk_msg_md *msg)
+static __always_inline void tp_peer_key_from_msg(struct tp_sock_key *k, struct sk_msg_md *msg,
+						 u64 netns)
 {
+	k->netns_cookie = netns;
 	if (msg->family == TP_AF_INET) {
 		tp_addr_from_ip4(k->local_addr, msg->remote_ip4);
 		tp_addr_from_ip4(k->remote_addr, msg->local_ip4);
@@ -67,14 +70,14 @@ static __always_inline void tp_accel_join(struct bpf_sock_ops *skops, struct bpf
 		return;
 	state = tp_sk_accel.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!state) {
-		tp_accel_count(TP_A_SOCK_FAILED);
+		tp_accel_count(cfg->netns_cookie, TP_A_SOCK_FAILED);
 		return;
 	}
-	tp_sock_key_from_sockops(&k, skops);
+	tp_sock_key_from_sockops(&k, skops, cfg->netns_cookie);
 	/* BCC expands sock_hash_update() into a statement: it cannot sit in a condition. */
 	err = tp_accel.sock_hash_update(skops, &k, BPF_NOEXIST);
 	*state = err ? TP_ACCEL_TCP : TP_ACCEL_ON;
-	tp_accel_count(err ? TP_A_SOCK_FAILED : TP_A_SOCK_ADDED);
+	tp_accel_count(cfg->netns_cookie, err ? TP_A_SOCK_FAILED : TP_A_SOCK_ADDED);
 }
 
 #endif /* TPROXY_ACCEL_H */

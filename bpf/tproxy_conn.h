@@ -1,26 +1,35 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * tproxy_conn.h - building tp_conns keys. A connection is keyed as the application's
- * socket sees it (its own address and port, the proxy's address and port) in its network
- * namespace; the proxy's accepted socket sees the same four values the other way round, in
- * the same namespace (loopback never leaves it).
+ * tproxy_conn.h - the namespace of a sock_ops socket, and building tp_conns keys. A
+ * connection is keyed as the application's socket sees it (its own address and port, the
+ * proxy's address and port) in its network namespace; the proxy's accepted socket sees the
+ * same four values the other way round, in the same namespace (loopback never leaves it).
  */
 #ifndef TPROXY_CONN_H
 #define TPROXY_CONN_H
 
 #include "tproxy_helpers.h"
 
-/* The network namespace of a sock_ops socket. bpf_get_netns_cookie() exists in sock_ops
- * from 5.15 (the loader probes it); before that the instance's own cookie stands in, which
- * is right for every socket connect4/6 redirected (they checked it) and for their proxy
- * (loopback connections stay in one namespace). */
-static __always_inline u64 tp_sockops_netns(struct bpf_sock_ops *skops,
-					    const struct tp_config *cfg)
+/* The namespace bind4/6 (or install) recorded for a proxy's socket on a redirect port, and
+ * the kernel copied into each socket accepted from it (tp_sk_ns is BPF_F_CLONE); 0 if
+ * none: not a proxy socket of a registered namespace. */
+static __always_inline u64 tp_sk_netns(struct bpf_sock *sk)
+{
+	u64 *ns = tp_sk_ns.sk_storage_get(sk, 0, 0);
+
+	return ns ? *ns : 0;
+}
+
+/* The network namespace of a passive or listening sock_ops socket. bpf_get_netns_cookie()
+ * exists in sock_ops from 5.15 (the loader probes it); before that, the identity carried
+ * with the proxy's socket stands in. (The application's sockets carry theirs in
+ * tp_sk_orig, written by connect4/6.) */
+static __always_inline u64 tp_sockops_netns(struct bpf_sock_ops *skops, struct bpf_sock *sk)
 {
 #ifdef TP_SOCKOPS_NETNS_COOKIE
 	return bpf_get_netns_cookie(skops);
 #else
-	return cfg->netns_cookie;
+	return tp_sk_netns(sk);
 #endif
 }
 

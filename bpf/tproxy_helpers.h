@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * tproxy_helpers.h - small inline helpers shared by the program files: configuration
- * lookup, address predicates, set membership and counters.
+ * tproxy_helpers.h - small inline helpers shared by the program files: a namespace's
+ * configuration, address predicates, set membership and counters.
  */
 #ifndef TPROXY_HELPERS_H
 #define TPROXY_HELPERS_H
@@ -17,37 +17,28 @@
 #define TP_SOL_IP 0
 #define TP_SOL_IPV6 41
 
-static __always_inline void tp_count(u32 reason)
+/* Count one decision for the namespace (tp_counters; its entry is made by the loader with
+ * the namespace). Per-CPU slot: no atomic needed. */
+static __always_inline void tp_count(u64 netns, u32 reason)
 {
-	u64 *c = tp_counters.lookup(&reason);
+	struct tp_ns_counters *c = tp_counters.lookup(&netns);
 
-	if (c)
-		*c += 1;	/* per-CPU slot: no atomic needed */
+	if (c && reason < TP_R_COUNT)
+		c->reason[reason] += 1;
 }
 
-/* The configuration in force, and its generation. NULL only before the loader's first
- * write, in which case every program leaves traffic alone. */
-static __always_inline struct tp_config *tp_active_config(u8 *gen)
+/* A registered namespace's configuration, or NULL: everything else (the host's sockets,
+ * other pods' namespaces) is left alone after this one lookup. */
+static __always_inline struct tp_config *tp_ns_config(u64 netns)
 {
-	u32 zero = 0, g;
-	u32 *active = tp_active.lookup(&zero);
-
-	if (!active)
-		return NULL;
-	g = *active & 1;
-	*gen = g;
-	return tp_config.lookup(&g);
+	return tp_ns.lookup(&netns);
 }
 
-/* Is a sock_addr program's socket in the instance's network namespace? cgroup hooks follow
- * the cgroup, not the netns, so a socket of the cgroup made in another namespace is not the
- * instance's to touch. bpf_get_netns_cookie() works in sock_addr programs from 5.7, and the
- * loader learns its namespace's cookie on every kernel it supports; 0 (unknown) means every
- * namespace, and install says so. */
-static __always_inline int tp_sock_addr_in_netns(struct bpf_sock_addr *ctx,
-						 const struct tp_config *cfg)
+/* The configuration of a sock_addr program's socket's namespace. cgroup hooks follow the
+ * cgroup, not the netns; bpf_get_netns_cookie() works in sock_addr programs from 5.7. */
+static __always_inline struct tp_config *tp_sock_addr_config(struct bpf_sock_addr *ctx)
 {
-	return !cfg->netns_cookie || bpf_get_netns_cookie(ctx) == cfg->netns_cookie;
+	return tp_ns_config(bpf_get_netns_cookie(ctx));
 }
 
 /* Context fields such as user_ip6[] and local_ip6[] allow only 4-byte loads; without the
@@ -164,19 +155,25 @@ static __always_inline void tp_loopback_target(u8 *addr, int v4)
 	w[3] = v4 ? bpf_htonl(0x7f000001) : bpf_htonl(1);
 }
 
-static __always_inline int tp_port_in(u8 gen, u8 kind, u16 port)
+static __always_inline int tp_port_in(const struct tp_config *cfg, u8 kind, u16 port)
 {
-	struct tp_port_key k = { .gen = gen, .kind = kind, .port = port };
+	struct tp_port_key k = {};
 
+	k.netns_cookie = cfg->netns_cookie;
+	k.gen = cfg->gen;
+	k.kind = kind;
+	k.port = port;
 	return tp_ports.lookup(&k) != NULL;
 }
 
-static __always_inline int tp_cidr_match(u8 gen, u8 kind, const u8 *addr)
+static __always_inline int tp_cidr_match(const struct tp_config *cfg, u8 kind, const u8 *addr)
 {
 	struct tp_cidr_key k = {};
 
-	k.prefixlen = 32 + 128;
-	k.gen = gen;
+	k.prefixlen = 64 + 32 + 128;
+	k.netns_lo = (u32)cfg->netns_cookie;
+	k.netns_hi = (u32)(cfg->netns_cookie >> 32);
+	k.gen = cfg->gen;
 	k.kind = kind;
 	k.family = tp_addr_is_mapped(addr) ? 4 : 6;
 	__builtin_memcpy(k.addr, addr, 16);
@@ -185,17 +182,21 @@ static __always_inline int tp_cidr_match(u8 gen, u8 kind, const u8 *addr)
 
 /* "Local address" is Kuma's "-o lo": any address of the network namespace, and the
  * unspecified address, which the kernel routes to loopback. */
-static __always_inline int tp_addr_is_local(u8 gen, const u8 *addr)
+static __always_inline int tp_addr_is_local(const struct tp_config *cfg, const u8 *addr)
 {
-	return tp_addr_is_unspecified(addr) || tp_cidr_match(gen, TP_CIDR_LOCAL, addr);
+	return tp_addr_is_unspecified(addr) || tp_cidr_match(cfg, TP_CIDR_LOCAL, addr);
 }
 
-static __always_inline int tp_uid_rule_matches(u8 gen, u32 i, u32 uid, u8 proto, u16 port)
+static __always_inline int tp_uid_rule_matches(const struct tp_config *cfg, u32 i, u32 uid,
+					       u8 proto, u16 port)
 {
-	u32 idx = gen * TP_MAX_UID_RULES + i;
-	struct tp_uid_rule *r = tp_uid_rules.lookup(&idx);
+	struct tp_uid_rule_key k = {};
+	struct tp_uid_rule *r;
 	u32 j;
 
+	k.netns_cookie = cfg->netns_cookie;
+	k.index = cfg->gen * TP_MAX_UID_RULES + i;
+	r = tp_uid_rules.lookup(&k);
 	if (!r || uid < r->uid_lo || uid > r->uid_hi || !(r->protos & proto))
 		return 0;
 	for (j = 0; j < TP_MAX_PORT_RANGES; j++) {
@@ -208,7 +209,7 @@ static __always_inline int tp_uid_rule_matches(u8 gen, u32 i, u32 uid, u8 proto,
 }
 
 /* Kuma rule 1: --exclude-outbound-ports-for-uids "[proto:][ports:]uids". */
-static __always_inline int tp_uid_port_excluded(u8 gen, const struct tp_config *cfg, u32 uid,
+static __always_inline int tp_uid_port_excluded(const struct tp_config *cfg, u32 uid,
 						u8 proto, u16 port)
 {
 	u32 i;
@@ -216,7 +217,7 @@ static __always_inline int tp_uid_port_excluded(u8 gen, const struct tp_config *
 	for (i = 0; i < TP_MAX_UID_RULES; i++) {
 		if (i >= cfg->n_uid_rules)
 			break;
-		if (tp_uid_rule_matches(gen, i, uid, proto, port))
+		if (tp_uid_rule_matches(cfg, i, uid, proto, port))
 			return 1;
 	}
 	return 0;

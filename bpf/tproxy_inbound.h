@@ -10,7 +10,7 @@
 #include "tproxy_helpers.h"
 
 /* remote: the client's address (mapped for IPv4); port: the port it dialed. */
-static __always_inline int tp_inbound_decide(u8 gen, const struct tp_config *cfg,
+static __always_inline int tp_inbound_decide(const struct tp_config *cfg,
 					     const u8 *remote, u16 port, u32 *reason)
 {
 	/* redirect.inbound.enabled=false (--redirect-inbound=false, gateways): Kuma writes
@@ -27,23 +27,23 @@ static __always_inline int tp_inbound_decide(u8 gen, const struct tp_config *cfg
 	/* nat PREROUTING never sees a connection made inside the namespace (its NAT was
 	 * decided in OUTPUT): the outbound rules already handled those. sk_lookup sees every
 	 * SYN, so the local ones are told apart by their source. */
-	if (tp_addr_is_local(gen, remote)) {
+	if (tp_addr_is_local(cfg, remote)) {
 		*reason = TP_R_IN_LOCAL_SOURCE;
 		return 0;
 	}
 	/* -A KUMA_MESH_INBOUND -s CIDR -j RETURN (--exclude-inbound-ips) */
-	if (tp_cidr_match(gen, TP_CIDR_EXCLUDE_IN, remote)) {
+	if (tp_cidr_match(cfg, TP_CIDR_EXCLUDE_IN, remote)) {
 		*reason = TP_R_IN_EXCL_IP;
 		return 0;
 	}
 	/* includePorts: -A KUMA_MESH_INBOUND -p tcp --dport P -j KUMA_MESH_INBOUND_REDIRECT
 	 * for those ports only (exclude rules are not written then). */
 	if (cfg->flags & TP_F_IN_INCLUDE) {
-		if (!tp_port_in(gen, TP_PORT_INCLUDE_IN, port)) {
+		if (!tp_port_in(cfg, TP_PORT_INCLUDE_IN, port)) {
 			*reason = TP_R_IN_NOT_INCLUDED;
 			return 0;
 		}
-	} else if (tp_port_in(gen, TP_PORT_EXCLUDE_IN, port)) {
+	} else if (tp_port_in(cfg, TP_PORT_EXCLUDE_IN, port)) {
 		/* -A KUMA_MESH_INBOUND -p tcp --dport P -j RETURN (default: 22, so SSH to
 		 * the host survives) */
 		*reason = TP_R_IN_EXCL_PORT;

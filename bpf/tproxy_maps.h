@@ -1,15 +1,20 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * tproxy_maps.h - every map of an instance, pinned under TP_PIN_DIR (set by the loader to
- * <bpffs>/ebpf-tproxy/<instance>/maps-v<TP_ABI_VERSION>).
+ * tproxy_maps.h - every map of the node program set, pinned under TP_PIN_DIR (set by the
+ * loader to <bpffs>/ebpf-tproxy/node/maps-v<TP_ABI_VERSION>).
+ *
+ * One program set serves every registered network namespace: each namespace's
+ * configuration is the value of tp_ns under its cookie, and every per-namespace table
+ * (ports, CIDRs, uid rules, addresses, listeners, counters) is keyed by that cookie (or the
+ * namespace's row). A socket of a namespace that is not registered costs one tp_ns lookup.
  *
  * BCC opens a pinned map when the pin exists and creates and pins it otherwise, which is
  * what makes an upgrade in place possible: new programs are compiled against the same
  * maps, so recorded connections and counters survive the switch.
  *
- * Configuration is double-buffered by generation (tp_active selects 0 or 1): the loader
- * fills the inactive generation, then flips tp_active with one 4-byte write, so a
- * connect() never sees half of an old and half of a new configuration.
+ * Port, CIDR and uid entries are double-buffered by generation (tp_config.gen): the loader
+ * writes a namespace's inactive generation, then replaces its tp_ns value (one update), so
+ * a connect() never sees half of an old and half of a new configuration.
  */
 #ifndef TPROXY_MAPS_H
 #define TPROXY_MAPS_H
@@ -18,17 +23,26 @@
 
 #define TP_PIN(name) TP_PIN_DIR "/" #name
 
-BPF_TABLE_PINNED("array", u32, u32, tp_active, 1, TP_PIN(tp_active));
-BPF_TABLE_PINNED("array", u32, struct tp_config, tp_config, 2, TP_PIN(tp_config));
-BPF_TABLE_PINNED("array", u32, struct tp_uid_rule, tp_uid_rules, 2 * TP_MAX_UID_RULES,
-		 TP_PIN(tp_uid_rules));
-BPF_TABLE_PINNED("hash", struct tp_port_key, u8, tp_ports, 4 * 65536, TP_PIN(tp_ports),
+BPF_TABLE_PINNED("hash", u64, struct tp_config, tp_ns, TP_MAX_NS, TP_PIN(tp_ns),
 		 BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("lpm_trie", struct tp_cidr_key, u8, tp_cidrs, 65536, TP_PIN(tp_cidrs),
+/* Each registered namespace's own addresses, for sk_lookup (see struct tp_addr_key). */
+BPF_TABLE_PINNED("hash", struct tp_addr_key, u64, tp_ns_addrs, 65536, TP_PIN(tp_ns_addrs),
 		 BPF_F_NO_PREALLOC);
-/* Original destination of the application's own socket: freed with the socket. */
-BPF_TABLE_PINNED("sk_storage", int, struct tp_orig_dst, tp_sk_orig, 0, TP_PIN(tp_sk_orig),
+BPF_TABLE_PINNED("hash", struct tp_uid_rule_key, struct tp_uid_rule, tp_uid_rules,
+		 2 * TP_MAX_UID_RULES * TP_MAX_NS, TP_PIN(tp_uid_rules), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct tp_port_key, u8, tp_ports, 1 << 20, TP_PIN(tp_ports),
 		 BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct tp_cidr_key, u8, tp_cidrs, 1 << 20, TP_PIN(tp_cidrs),
+		 BPF_F_NO_PREALLOC);
+/* The application's socket: its original destination and namespace, freed with it. */
+BPF_TABLE_PINNED("sk_storage", int, struct tp_sk_orig, tp_sk_orig, 0, TP_PIN(tp_sk_orig),
+		 BPF_F_NO_PREALLOC);
+/* The namespace of a proxy's socket bound to one of its namespace's redirect ports, set by
+ * bind4/6 (or by install for a proxy already listening) and copied by the kernel into every
+ * socket accepted from it (BPF_F_CLONE): how sock_ops and getsockopt tell which namespace
+ * a passive socket is in on kernels without bpf_get_netns_cookie() in sock_ops (< 5.15). */
+BPF_TABLE_PINNED("sk_storage", int, u64, tp_sk_ns, 0, TP_PIN(tp_sk_ns),
+		 BPF_F_NO_PREALLOC | BPF_F_CLONE);
 /* Original destination by connection, from the application's SYN (sock_ops
  * TCP_CONNECT_CB) until the proxy's end exists (PASSIVE_ESTABLISHED_CB), which moves it
  * into tp_sk_answer: the only way across from one socket to the other, since the proxy's
@@ -42,8 +56,8 @@ BPF_TABLE_PINNED("hash", struct tp_conn_key, struct tp_conn, tp_conns, TP_CONN_M
 BPF_TABLE_PINNED("sk_storage", int, struct tp_answer, tp_sk_answer, 0, TP_PIN(tp_sk_answer),
 		 BPF_F_NO_PREALLOC);
 
-/* The proxy's listening sockets on the inbound port (TP_LISTENER_SLOTS per family), for
- * sk_lookup.
+/* The proxy's listening sockets on the inbound port (TP_LISTENER_SLOTS per namespace and
+ * family), for sk_lookup.
  * BCC's BPF_SOCKMAP has sock_map_update() but no lookup(), and no pinning; this is the
  * same table declaration with both methods, pinned like the others. The kernel removes
  * an entry by itself when its socket closes, so a stopped proxy leaves no stale socket. */
@@ -57,7 +71,7 @@ struct tp_listeners_table_t {
 	int flags;
 };
 __attribute__((section("maps/sockmap:" TP_PIN(tp_listeners))))
-struct tp_listeners_table_t tp_listeners = { .max_entries = 2 * TP_LISTENER_SLOTS };
+struct tp_listeners_table_t tp_listeners = { .max_entries = 2 * TP_LISTENER_SLOTS * TP_MAX_NS };
 
 /* --ebpf-accelerate: the application's redirected sockets and the proxy's sockets for them,
  * keyed by how each sees its connection (struct tp_sock_key), for sk_msg_accel. Same
@@ -77,10 +91,15 @@ struct tp_accel_table_t tp_accel = { .max_entries = TP_ACCEL_MAX };
 /* Each accelerated socket's state (TP_ACCEL_ON or TP_ACCEL_TCP), freed with the socket. */
 BPF_TABLE_PINNED("sk_storage", int, u32, tp_sk_accel, 0, TP_PIN(tp_sk_accel),
 		 BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("percpu_array", u32, u64, tp_accel_counters, TP_A_COUNT,
-		 TP_PIN(tp_accel_counters));
 
-BPF_TABLE_PINNED("percpu_array", u32, u64, tp_counters, TP_R_COUNT, TP_PIN(tp_counters));
-BPF_TABLE_PINNED("array", u32, struct tp_meta, tp_meta, 1, TP_PIN(tp_meta));
+/* Per namespace (created by the loader with the namespace, deleted with it). */
+BPF_TABLE_PINNED("percpu_hash", u64, struct tp_ns_counters, tp_counters, TP_MAX_NS,
+		 TP_PIN(tp_counters));
+/* The node program set's description, and each namespace's by registration name. */
+BPF_TABLE_PINNED("array", u32, struct tp_meta, tp_node, 1, TP_PIN(tp_node));
+BPF_TABLE_PINNED("hash", struct tp_name, struct tp_meta, tp_ns_meta, TP_MAX_NS,
+		 TP_PIN(tp_ns_meta), BPF_F_NO_PREALLOC);
+/* Where learn_netns_cookie (sock_create.c) leaves what it learned. */
+BPF_TABLE_PINNED("array", u32, u64, tp_learned_cookie, 1, TP_PIN(tp_learned_cookie));
 
 #endif /* TPROXY_MAPS_H */

@@ -25,7 +25,7 @@ struct tp_conn_attempt {
 	u32 uid;
 };
 
-static __always_inline enum tp_verdict tp_outbound_decide(u8 gen, const struct tp_config *cfg,
+static __always_inline enum tp_verdict tp_outbound_decide(const struct tp_config *cfg,
 							   struct tp_conn_attempt *a,
 							   u32 *reason)
 {
@@ -33,12 +33,12 @@ static __always_inline enum tp_verdict tp_outbound_decide(u8 gen, const struct t
 	int local;
 
 	/* 1. -A OUTPUT -p tcp -m multiport --dports P -m owner --uid-owner U -j RETURN */
-	if (tp_uid_port_excluded(gen, cfg, a->uid, TP_PROTO_TCP, a->dst_port)) {
+	if (tp_uid_port_excluded(cfg, a->uid, TP_PROTO_TCP, a->dst_port)) {
 		*reason = TP_R_EXCL_UID_PORT;
 		return TP_DIRECT;
 	}
 	/* 2. -A OUTPUT -d CIDR -j RETURN (--exclude-outbound-ips) */
-	if (tp_cidr_match(gen, TP_CIDR_EXCLUDE_OUT, a->dst)) {
+	if (tp_cidr_match(cfg, TP_CIDR_EXCLUDE_OUT, a->dst)) {
 		*reason = TP_R_EXCL_IP;
 		return TP_DIRECT;
 	}
@@ -55,11 +55,11 @@ static __always_inline enum tp_verdict tp_outbound_decide(u8 gen, const struct t
 	/* 4b. -A KUMA_MESH_OUTBOUND -p tcp --dport P -j RETURN; Kuma writes these only when
 	 * includePorts is empty. */
 	if (!(cfg->flags & TP_F_OUT_INCLUDE) &&
-	    tp_port_in(gen, TP_PORT_EXCLUDE_OUT, a->dst_port)) {
+	    tp_port_in(cfg, TP_PORT_EXCLUDE_OUT, a->dst_port)) {
 		*reason = TP_R_EXCL_PORT;
 		return TP_DIRECT;
 	}
-	local = tp_addr_is_local(gen, a->dst);
+	local = tp_addr_is_local(cfg, a->dst);
 	a->dst_local = local;
 	/* 4c. -A KUMA_MESH_OUTBOUND -s 127.0.0.6/32 -o lo -j RETURN: Envoy's inbound
 	 * passthrough to the application. */
@@ -94,7 +94,7 @@ static __always_inline enum tp_verdict tp_outbound_decide(u8 gen, const struct t
 	/* 4h. includePorts: -A KUMA_MESH_OUTBOUND -p tcp --dport P -j KUMA_MESH_OUTBOUND_REDIRECT
 	 * for those ports only. */
 	if ((cfg->flags & TP_F_OUT_INCLUDE) &&
-	    !tp_port_in(gen, TP_PORT_INCLUDE_OUT, a->dst_port)) {
+	    !tp_port_in(cfg, TP_PORT_INCLUDE_OUT, a->dst_port)) {
 		*reason = TP_R_NOT_INCLUDED;
 		return TP_DIRECT;
 	}
@@ -105,19 +105,19 @@ static __always_inline enum tp_verdict tp_outbound_decide(u8 gen, const struct t
 
 /* The same list for UDP: rules 1 and 2, then Kuma's DNS rules (3); any other UDP is
  * never touched (rule 4 is TCP only). */
-static __always_inline enum tp_verdict tp_udp_decide(u8 gen, const struct tp_config *cfg,
+static __always_inline enum tp_verdict tp_udp_decide(const struct tp_config *cfg,
 						      const struct tp_conn_attempt *a,
 						      u32 *reason)
 {
 	if (a->dst_port != 53 || !(cfg->flags & (TP_F_DNS | TP_F_DNS_ALL)))
 		return TP_DIRECT;	/* not DNS: no rule applies, nothing to count */
 	/* 1. -A OUTPUT -p udp -m multiport --dports P -m owner --uid-owner U -j RETURN */
-	if (tp_uid_port_excluded(gen, cfg, a->uid, TP_PROTO_UDP, a->dst_port)) {
+	if (tp_uid_port_excluded(cfg, a->uid, TP_PROTO_UDP, a->dst_port)) {
 		*reason = TP_R_EXCL_UID_PORT;
 		return TP_DIRECT;
 	}
 	/* 2. -A OUTPUT -d CIDR -j RETURN: any protocol, so DNS too */
-	if (tp_cidr_match(gen, TP_CIDR_EXCLUDE_OUT, a->dst)) {
+	if (tp_cidr_match(cfg, TP_CIDR_EXCLUDE_OUT, a->dst)) {
 		*reason = TP_R_EXCL_IP;
 		return TP_DIRECT;
 	}
@@ -129,7 +129,7 @@ static __always_inline enum tp_verdict tp_udp_decide(u8 gen, const struct tp_con
 	}
 	/* 3. -A OUTPUT -p udp --dport 53 [-d NAMESERVER] -j REDIRECT --to-ports 15053:
 	 * every UDP 53 with captureAll, else only to resolv.conf's nameservers */
-	if (!(cfg->flags & TP_F_DNS_ALL) && !tp_cidr_match(gen, TP_CIDR_DNS_SERVER, a->dst))
+	if (!(cfg->flags & TP_F_DNS_ALL) && !tp_cidr_match(cfg, TP_CIDR_DNS_SERVER, a->dst))
 		return TP_DIRECT;
 	*reason = TP_R_DNS_REDIRECT;
 	return TP_TO_DNS;

@@ -11,18 +11,19 @@
 
 /* Keep the original destination with the socket. Returns 0 if there is no room: the
  * connection then goes direct rather than to a proxy that could not learn where to. */
-static __always_inline int tp_remember_orig(struct bpf_sock *sk, const u8 *dst, u16 port,
-					    u16 family)
+static __always_inline int tp_remember_orig(struct bpf_sock *sk, const struct tp_config *cfg,
+					    const u8 *dst, u16 port, u16 family)
 {
-	struct tp_orig_dst *o = tp_sk_orig.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	struct tp_sk_orig *o = tp_sk_orig.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 
 	if (!o) {
-		tp_count(TP_R_NO_STORAGE);
+		tp_count(cfg->netns_cookie, TP_R_NO_STORAGE);
 		return 0;
 	}
-	__builtin_memcpy(o->addr, dst, 16);
-	o->port = port;
-	o->family = family;
+	__builtin_memcpy(o->orig.addr, dst, 16);
+	o->orig.port = port;
+	o->orig.family = family;
+	o->netns_cookie = cfg->netns_cookie;
 	return 1;
 }
 
@@ -42,32 +43,26 @@ static __always_inline enum tp_verdict tp_verdict(struct bpf_sock_addr *ctx,
 	struct tp_config *cfg;
 	enum tp_verdict v;
 	u32 reason = 0;
-	u8 gen = 0;
 
-	cfg = tp_active_config(&gen);
+	/* Only sockets of a registered namespace: one lookup for every other. */
+	cfg = tp_sock_addr_config(ctx);
 	if (!cfg)
 		return TP_DIRECT;
-	/* cgroup hooks follow the cgroup, not the netns: a socket of this cgroup made in
-	 * another network namespace is not the instance's to touch. */
-	if (!tp_sock_addr_in_netns(ctx, cfg)) {
-		tp_count(TP_R_OTHER_NETNS);
-		return TP_DIRECT;
-	}
 	/* ipFamilyMode ipv4: ip6tables rules are not written, IPv6 is left alone. A mapped
 	 * address is IPv4 traffic and was already turned into one by the caller. */
 	if (!tp_addr_is_mapped(a->dst) && !(cfg->flags & TP_F_IPV6)) {
-		tp_count(TP_R_FAMILY_OFF);
+		tp_count(cfg->netns_cookie, TP_R_FAMILY_OFF);
 		return TP_DIRECT;
 	}
 	a->uid = (u32)bpf_get_current_uid_gid();
 	if (ctx->protocol == IPPROTO_TCP) {
-		v = tp_outbound_decide(gen, cfg, a, &reason);
+		v = tp_outbound_decide(cfg, a, &reason);
 	} else {
-		v = tp_udp_decide(gen, cfg, a, &reason);
+		v = tp_udp_decide(cfg, a, &reason);
 		if (!reason)
 			return TP_DIRECT;	/* not DNS */
 	}
-	tp_count(reason);
+	tp_count(cfg->netns_cookie, reason);
 	*target_port = v == TP_TO_INBOUND ? cfg->inbound_port :
 		       v == TP_TO_DNS ? cfg->dns_port : cfg->outbound_port;
 	*cfgp = cfg;

@@ -28,7 +28,7 @@ int sendmsg4(struct bpf_sock_addr *ctx)
 	tp_addr_from_ip4(a.dst, ctx->user_ip4);
 	if (tp_verdict(ctx, &a, &cfg, &target_port) != TP_TO_DNS || !cfg)
 		return 1;
-	if (!tp_remember_orig(sk, a.dst, a.dst_port, TP_AF_INET))
+	if (!tp_remember_orig(sk, cfg, a.dst, a.dst_port, TP_AF_INET))
 		return 1;
 	tp_loopback_target(a.dst, 1);
 	tp_ctx_set4(ctx, a.dst, target_port);
@@ -54,52 +54,54 @@ int sendmsg6(struct bpf_sock_addr *ctx)
 	 * A link-local server (fe80::1%eth0) neither: the interface was already taken from
 	 * the scope id, and ::1 is not reachable through it. */
 	if (tp_addr_is_mapped(a.dst) || (a.dst[0] == 0xfe && (a.dst[1] & 0xc0) == 0x80)) {
-		tp_count(TP_R_DNS_NOT_REDIRECTABLE);
+		tp_count(cfg->netns_cookie, TP_R_DNS_NOT_REDIRECTABLE);
 		return 1;
 	}
-	if (!tp_remember_orig(sk, a.dst, a.dst_port, TP_AF_INET6))
+	if (!tp_remember_orig(sk, cfg, a.dst, a.dst_port, TP_AF_INET6))
 		return 1;
 	tp_loopback_target(a.dst, 0);
 	tp_ctx_set6(ctx, a.dst, target_port);
 	return 1;
 }
 
-/* The reply's source, if it is the DNS port on loopback and the socket asked a server. */
-static __always_inline struct tp_orig_dst *tp_dns_reply_orig(struct bpf_sock_addr *ctx,
-							     const u8 *src, u16 port)
+/* The server the socket asked, if the reply comes from the DNS port on loopback. Every
+ * datagram received by every socket of the cgroup passes here: a socket without a
+ * recorded query leaves after one storage lookup. */
+static __always_inline struct tp_sk_orig *tp_dns_reply_orig(struct bpf_sock_addr *ctx,
+							    const u8 *src, u16 port)
 {
-	struct tp_orig_dst *o;
 	struct tp_config *cfg;
-	u8 gen;
+	struct tp_sk_orig *o;
 
 	if (!ctx->sk)
 		return NULL;
-	cfg = tp_active_config(&gen);
-	if (!cfg || port != cfg->dns_port || !tp_addr_is_loopback1(src))
-		return NULL;
 	o = tp_sk_orig.sk_storage_get(ctx->sk, 0, 0);
-	if (!o || o->port != 53 || !tp_sock_addr_in_netns(ctx, cfg))
+	if (!o || o->orig.port != 53 || !tp_addr_is_loopback1(src))
+		return NULL;
+	/* Only sendmsg/connect of a registered namespace wrote it, with that namespace. */
+	cfg = tp_ns_config(o->netns_cookie);
+	if (!cfg || port != cfg->dns_port)
 		return NULL;
 	return o;
 }
 
 int recvmsg4(struct bpf_sock_addr *ctx)
 {
-	struct tp_orig_dst *o;
+	struct tp_sk_orig *o;
 	u8 src[16];
 
 	tp_addr_from_ip4(src, ctx->user_ip4);
 	o = tp_dns_reply_orig(ctx, src, bpf_ntohs((u16)ctx->user_port));
-	if (!o || o->family != TP_AF_INET)
+	if (!o || o->orig.family != TP_AF_INET)
 		return 1;
-	tp_ctx_set4(ctx, o->addr, o->port);
-	tp_count(TP_R_DNS_REPLY_RESTORED);
+	tp_ctx_set4(ctx, o->orig.addr, o->orig.port);
+	tp_count(o->netns_cookie, TP_R_DNS_REPLY_RESTORED);
 	return 1;
 }
 
 int recvmsg6(struct bpf_sock_addr *ctx)
 {
-	struct tp_orig_dst *o;
+	struct tp_sk_orig *o;
 	u8 src[16];
 
 	tp_addr_from_ctx_ip6(src, ctx->user_ip6);
@@ -107,7 +109,7 @@ int recvmsg6(struct bpf_sock_addr *ctx)
 	if (!o)
 		return 1;
 	/* A connected AF_INET6 socket that dialed ::ffff:a.b.c.d gets the mapped address. */
-	tp_ctx_set6(ctx, o->addr, o->port);
-	tp_count(TP_R_DNS_REPLY_RESTORED);
+	tp_ctx_set6(ctx, o->orig.addr, o->orig.port);
+	tp_count(o->netns_cookie, TP_R_DNS_REPLY_RESTORED);
 	return 1;
 }

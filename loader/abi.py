@@ -7,7 +7,8 @@ structs BCC compiled from it.
 import ctypes as ct
 import ipaddress
 
-TP_ABI_VERSION = 3
+TP_ABI_VERSION = 4
+TP_MAX_NS = 1024
 TP_MAX_UID_RULES = 32
 TP_MAX_PORT_RANGES = 16
 TP_CONN_MAX = 262144
@@ -47,7 +48,7 @@ TP_PROTO_UDP = 0x2
 
 # Counter index -> name shown by `status`. Order is the TP_R_* numbering.
 REASONS = [
-    ("TP_R_OTHER_NETNS", "other_netns"),
+    ("TP_R_UNUSED_0", "unused_0"),
     ("TP_R_FAMILY_OFF", "ipv6_not_captured"),
     ("TP_R_EXCL_UID_PORT", "excluded_uid_port"),
     ("TP_R_EXCL_IP", "excluded_ip"),
@@ -97,7 +98,8 @@ ACCEL_COUNTERS = [
 ]
 TP_A_COUNT = len(ACCEL_COUNTERS)
 
-TP_META_SIZE = 65532
+TP_META_SIZE = 16380
+TP_NAME_MAX = 64
 
 
 class TpConfig(ct.Structure):
@@ -107,9 +109,10 @@ class TpConfig(ct.Structure):
         ("outbound_port", ct.c_uint16),
         ("inbound_port", ct.c_uint16),
         ("dns_port", ct.c_uint16),
-        ("pad", ct.c_uint16),
+        ("gen", ct.c_uint8),
+        ("pad", ct.c_uint8),
         ("n_uid_rules", ct.c_uint32),
-        ("reserved", ct.c_uint32),
+        ("ns_index", ct.c_uint32),
         ("netns_cookie", ct.c_uint64),
         ("instance_ip4", ct.c_uint8 * 16),
         ("instance_ip6", ct.c_uint8 * 16),
@@ -131,13 +134,20 @@ class TpUidRule(ct.Structure):
     ]
 
 
+class TpUidRuleKey(ct.Structure):
+    _fields_ = [("netns_cookie", ct.c_uint64), ("index", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
 class TpPortKey(ct.Structure):
-    _fields_ = [("gen", ct.c_uint8), ("kind", ct.c_uint8), ("port", ct.c_uint16)]
+    _fields_ = [("netns_cookie", ct.c_uint64), ("gen", ct.c_uint8), ("kind", ct.c_uint8),
+                ("port", ct.c_uint16), ("pad", ct.c_uint32)]
 
 
 class TpCidrKey(ct.Structure):
     _fields_ = [
         ("prefixlen", ct.c_uint32),
+        ("netns_lo", ct.c_uint32),
+        ("netns_hi", ct.c_uint32),
         ("gen", ct.c_uint8),
         ("kind", ct.c_uint8),
         ("family", ct.c_uint8),
@@ -146,8 +156,16 @@ class TpCidrKey(ct.Structure):
     ]
 
 
+class TpAddrKey(ct.Structure):
+    _fields_ = [("addr", ct.c_uint8 * 16)]
+
+
 class TpOrigDst(ct.Structure):
     _fields_ = [("addr", ct.c_uint8 * 16), ("port", ct.c_uint16), ("family", ct.c_uint16)]
+
+
+class TpSkOrig(ct.Structure):
+    _fields_ = [("orig", TpOrigDst), ("pad", ct.c_uint32), ("netns_cookie", ct.c_uint64)]
 
 
 class TpConnKey(ct.Structure):
@@ -163,10 +181,12 @@ class TpConnKey(ct.Structure):
 
 class TpSockKey(ct.Structure):
     _fields_ = [
+        ("netns_cookie", ct.c_uint64),
         ("local_addr", ct.c_uint8 * 16),
         ("remote_addr", ct.c_uint8 * 16),
         ("local_port", ct.c_uint16),
         ("remote_port", ct.c_uint16),
+        ("pad", ct.c_uint32),
     ]
 
 
@@ -174,8 +194,20 @@ class TpConn(ct.Structure):
     _fields_ = [("orig", TpOrigDst)]
 
 
+class TpAnswer(ct.Structure):
+    _fields_ = [("orig", TpOrigDst), ("kind", ct.c_uint32), ("netns_cookie", ct.c_uint64)]
+
+
+class TpNsCounters(ct.Structure):
+    _fields_ = [("reason", ct.c_uint64 * TP_R_COUNT), ("accel", ct.c_uint64 * TP_A_COUNT)]
+
+
 class TpMeta(ct.Structure):
     _fields_ = [("len", ct.c_uint32), ("json", ct.c_char * TP_META_SIZE)]
+
+
+class TpName(ct.Structure):
+    _fields_ = [("name", ct.c_char * TP_NAME_MAX)]
 
 
 # Which ctypes twin stands for which C struct (checked by the layout test).
@@ -183,13 +215,19 @@ STRUCTS = {
     "tp_config": TpConfig,
     "tp_port_range": TpPortRange,
     "tp_uid_rule": TpUidRule,
+    "tp_uid_rule_key": TpUidRuleKey,
     "tp_port_key": TpPortKey,
     "tp_cidr_key": TpCidrKey,
+    "tp_addr_key": TpAddrKey,
     "tp_orig_dst": TpOrigDst,
+    "tp_sk_orig": TpSkOrig,
     "tp_conn_key": TpConnKey,
     "tp_conn": TpConn,
+    "tp_answer": TpAnswer,
     "tp_sock_key": TpSockKey,
+    "tp_ns_counters": TpNsCounters,
     "tp_meta": TpMeta,
+    "tp_name": TpName,
 }
 
 
@@ -207,9 +245,19 @@ def addr_from16(raw, family=None):
     return ip.ipv4_mapped or ip
 
 
-def cidr_key(gen, kind, network):
-    """The tp_cidrs LPM key for one CIDR: 32 bits of (gen, kind, family, pad) + address bits."""
+def cidr_key(netns_cookie, gen, kind, network):
+    """The tp_cidrs LPM key for one CIDR of a namespace: 64 bits of cookie, 32 of (gen, kind,
+    family, pad), then the address bits."""
     net = ipaddress.ip_network(network, strict=False)
     bits = net.prefixlen + (96 if net.version == 4 else 0)
-    return TpCidrKey(prefixlen=32 + bits, gen=gen, kind=kind, family=net.version,
+    return TpCidrKey(prefixlen=64 + 32 + bits, netns_lo=netns_cookie & 0xFFFFFFFF,
+                     netns_hi=netns_cookie >> 32, gen=gen, kind=kind, family=net.version,
                      addr=addr16(net.network_address))
+
+
+def name_key(name):
+    """A registration name as the key of tp_ns_meta."""
+    raw = name.encode()
+    if len(raw) >= TP_NAME_MAX:
+        raise ValueError(f"name {name!r} is longer than {TP_NAME_MAX - 1} bytes")
+    return TpName(raw)

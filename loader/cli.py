@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from . import config, instance, kernel
+from . import config, kernel, lifecycle, namespace, node, seams
 from .config import ConfigError
 
 EXIT_BAD_INPUT = 2
@@ -121,7 +121,8 @@ KUMA_OPTIONS = [
     click.option("--wait", help="(iptables only)"),
     click.option("--wait-interval", help="(iptables only)"),
     click.option("--name", default="default", show_default=True,
-                 help="Instance name: several instances can capture different cgroups."),
+                 help="Name of this namespace's registration in the node program set "
+                      "(one per network namespace)."),
     click.option("--netns", help="Network namespace to act on (name in /run/netns or a "
                  "path); default: the one this command runs in."),
     click.option("--dry-run", is_flag=True, default=None,
@@ -294,8 +295,7 @@ def install(**kw):
     try:
         settings, warnings = config.load(kw["config_files"], flags=flags_from(kw),
                                          name=kw["name"])
-        from .instance import dns_servers
-        warnings += dns_servers(settings)[1]
+        warnings += namespace.dns_servers(settings)[1]
         for w in warnings:
             click.echo(f"ebpf-tproxy: note: {w}", err=True)
         cgroup = resolve_cgroup(settings.cgroup_path)
@@ -306,12 +306,12 @@ def install(**kw):
     if settings.dry_run:
         from . import bpfsys, netinfo
         try:
-            p = instance.plan(settings, netinfo.local_networks(),
-                              netinfo.default_instance_ips(), cgroup, bpfsys.netns_cookie())
+            p = namespace.plan(settings, netinfo.local_networks(),
+                               netinfo.default_instance_ips(), cgroup, bpfsys.netns_cookie())
         except ConfigError as e:
             fail(str(e))
-        p["maps"] = instance.map_contents(settings, p)
-        p["pins"] = instance.Paths(settings.bpffs_path, settings.name).instance
+        p["maps"] = namespace.map_contents(settings, p)
+        p["pins"] = node.NodePaths(settings.bpffs_path).node
         click.echo(config.dump_json(p))
         if kw["explain"]:
             from . import iptables_oracle
@@ -327,22 +327,19 @@ def install(**kw):
     if not priv.ok:
         fail(f"{priv.detail}: {priv.fix}")
     try:
-        p = instance.install(settings, cgroup, progress=progress if verbose else None)
+        p = lifecycle.install(settings, cgroup, progress=progress if verbose else None)
     except ConfigError as e:
         fail(str(e))
-    except (kernel.HostError, instance.InstallError) as e:
+    except (kernel.HostError, node.InstallError, seams.SeamFailure) as e:
         fail(str(e), EXIT_FAILED)
     except OSError as e:
         fail(f"install failed and was rolled back: {e}", EXIT_FAILED)
     for w in p.get("warnings", []):
         click.echo(f"ebpf-tproxy: warning: {w}", err=True)
-    if not p["netns_cookie"]:
-        click.echo("ebpf-tproxy: warning: the network namespace's cookie could not be learned "
-                   f"({p.get('netns_cookie_from')}): sockets of every namespace in the cgroup "
-                   "are captured, so give each pod its own cgroup", err=True)
     inbound = (f", inbound TCP from other hosts -> port {settings.inbound_port}"
                if settings.inbound_enabled else "")
-    click.echo(f"installed {settings.name!r}: outbound TCP of {cgroup} -> "
+    click.echo(f"installed {settings.name!r} (network namespace {p['netns_cookie']}, node "
+               f"program set on {p.get('attached_at', cgroup)}): outbound TCP -> "
                f"port {settings.outbound_port}{inbound} (DP user {settings.dp_user}, uid "
                f"{settings.dp_uid}, source {p['instance_ip4'] or '-'}"
                f"{' / ' + p['instance_ip6'] if p['instance_ip6'] else ''}), "
@@ -350,28 +347,47 @@ def install(**kw):
 
 
 @main.command()
-@click.option("--name", help="Only this instance.")
+@click.option("--name", help="Only this namespace's registration.")
 @bpffs_option
 @output_option
 def status(name, ebpf_bpffs_path, output):
-    """Show installed instances: attach points, configuration, counters.
+    """Show the node program set and every registered namespace: attach points,
+    configuration, counters, map memory. Namespaces found deleted are removed.
 
     \b
     Example:
       ebpf-tproxy status
       ebpf-tproxy status --name default --output json
     """
-    entries = instance.status(ebpf_bpffs_path, name)
+    from .status import status as node_status
+    entries = node_status(ebpf_bpffs_path, name)
     if output == "json":
         click.echo(json.dumps(entries, indent=2))
     elif not entries:
-        click.echo("no instances installed" + (f" named {name!r}" if name else ""))
+        click.echo("no namespace registered" + (f" as {name!r}" if name else ""))
     else:
+        shown_node = False
         for e in entries:
             meta = e.get("meta") or {}
-            click.echo(f"instance {e['name']}")
-            click.echo(f"  cgroup        {meta.get('cgroup', '?')}")
-            click.echo(f"  netns cookie  {meta.get('netns_cookie', '?')}")
+            nd = e.get("node")
+            if nd and not shown_node:
+                shown_node = True
+                click.echo(f"node program set {nd.get('digest')} (ebpf-tproxy "
+                           f"{nd.get('version')}, ABI {nd.get('abi')}): attached to "
+                           f"{', '.join(nd.get('cgroups') or []) or 'no cgroup'}")
+                click.echo(f"  programs      {', '.join(nd.get('programs') or [])}")
+                if nd.get("features"):
+                    click.echo(f"  features      {', '.join(nd['features'])}")
+            if e.get("removed"):
+                click.echo(f"namespace {e['name']}: {e.get('note')}")
+                continue
+            click.echo(f"namespace {e['name']}")
+            click.echo(f"  cgroup        {meta.get('cgroup', '?')}"
+                       + (f" (through {meta['attached_at']})"
+                          if meta.get("attached_at") not in (None, meta.get("cgroup")) else ""))
+            click.echo(f"  netns cookie  {meta.get('netns_cookie', '?')}  (inode "
+                       f"{meta.get('netns_inode', '?')}, generation "
+                       f"{e.get('active_generation')})")
             click.echo(f"  source IPs    {meta.get('instance_ip4') or '-'} "
                        f"{meta.get('instance_ip6') or ''}")
             red = meta.get("config", {}).get("redirect", {})
@@ -407,6 +423,11 @@ def status(name, ebpf_bpffs_path, output):
                        "answers then live with the proxy's sockets)")
             if (meta.get("config") or {}).get("ebpf", {}).get("accelerate"):
                 click.echo(f"  accelerated sockets  {e.get('accelerated_sockets')}")
+            mem = e.get("map_memory_bytes") or {}
+            if mem:
+                click.echo(f"  map memory    ~{sum(mem.values()) // 1024} KiB (estimated; "
+                           + ", ".join(f"{k} {v // 1024 or v}" + ("" if v >= 1024 else " B")
+                                       for k, v in mem.items() if v) + ")")
             counters = {k: v for k, v in (e.get("counters") or {}).items() if v}
             click.echo("  counters      " + (", ".join(f"{k}={v}" for k, v in counters.items())
                                              or "all zero"))
@@ -416,20 +437,23 @@ def status(name, ebpf_bpffs_path, output):
 
 @main.command()
 @click.option("--name", default="default", show_default=True)
-@click.option("--all", "all_", is_flag=True, help="Every instance.")
+@click.option("--all", "all_", is_flag=True, help="Every namespace, and the node program set.")
 @bpffs_option
 def uninstall(name, all_, ebpf_bpffs_path):
-    """Remove an instance: links, programs, maps and pins. Safe to run twice.
+    """Remove one namespace's registration (the others keep capturing); with the last one,
+    or --all, the node program set goes too: links, programs, maps and pins. Safe to run
+    twice.
 
     \b
     Example:
-      ebpf-tproxy uninstall
+      ebpf-tproxy uninstall --name pod1
       ebpf-tproxy uninstall --all
     """
-    names = instance.list_instances(ebpf_bpffs_path) if all_ else [name]
+    names = lifecycle.list_names(ebpf_bpffs_path) if all_ else [name]
+    removed = lifecycle.uninstall(ebpf_bpffs_path, name, everything=all_)
     for n in names:
-        removed = instance.uninstall(ebpf_bpffs_path, n)
-        click.echo(f"uninstalled {n!r}: removed {len(removed)} objects" if removed
+        click.echo(f"uninstalled {n!r}" + (f": removed {len(removed)} objects" if removed
+                                           else "") if removed
                    else f"nothing to uninstall for {n!r}")
 
 

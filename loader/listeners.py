@@ -1,11 +1,13 @@
 """Registering a proxy that was already listening before install.
 
-sock_ops registers the proxy's inbound listener when it calls listen(). A proxy started
-before install has already done that, so install finds its listening socket itself: the
+sock_ops registers the proxy's inbound listener when it calls listen(), and bind4/6 mark
+the proxy's listeners with their namespace (tp_sk_ns) when they bind. A proxy started
+before install has done both already, so install finds its listening sockets itself: the
 socket table of the namespace (/proc/net/tcp, tcp6) gives the inode of each socket
-listening on the inbound port, /proc/PID/fd gives a process of the captured cgroup that
+listening on a redirect port, /proc/PID/fd gives a process of the captured cgroup that
 holds it, and pidfd_getfd() (Linux >= 5.6) gives install a copy of the descriptor to put
-in tp_listeners. Later restarts are sock_ops' job again.
+in tp_listeners (inbound port) and to mark in tp_sk_ns (both ports). Later restarts are
+the programs' job again.
 """
 import ctypes as ct
 import os
@@ -28,9 +30,10 @@ def _loopback(hex_addr):
     return a.startswith("0000000000000000FFFF0000") and a.endswith("7F")
 
 
-def listening_inodes(port):
+def listening_inodes(port, loopback=False):
     """{inode: TP_LISTENER_V4/V6} of sockets listening on port in this namespace, except
-    loopback-only ones (as sock_ops: they never receive connections from other hosts)."""
+    loopback-only ones unless asked (sock_ops never registers those for inbound: they never
+    receive connections from other hosts)."""
     out = {}
     for path, key in (("/proc/net/tcp", abi.TP_LISTENER_V4), ("/proc/net/tcp6",
                                                                abi.TP_LISTENER_V6)):
@@ -41,7 +44,7 @@ def listening_inodes(port):
                     cols = line.split()
                     addr, _, hport = cols[1].rpartition(":")
                     if cols[3] == TCP_LISTEN and int(hport, 16) == port and \
-                            not _loopback(addr):
+                            (loopback or not _loopback(addr)):
                         out[int(cols[9])] = key
         except FileNotFoundError:
             continue
@@ -104,15 +107,15 @@ def _socket_cookie(fd):
         s.close()
 
 
-def _slots(family):
-    base = family * abi.TP_LISTENER_SLOTS
+def _slots(ns_index, family):
+    base = (ns_index * 2 + family) * abi.TP_LISTENER_SLOTS
     return range(base, base + abi.TP_LISTENER_SLOTS)
 
 
-def _cookies(sockmap, family):
-    """{slot: socket cookie} of the family's occupied slots."""
+def _cookies(sockmap, ns_index, family):
+    """{slot: socket cookie} of the family's occupied slots in the namespace's row."""
     out = {}
-    for key in _slots(family):
+    for key in _slots(ns_index, family):
         try:
             v = sockmap.lookup(ct.c_uint32(key))
         except OSError:
@@ -122,56 +125,79 @@ def _cookies(sockmap, family):
     return out
 
 
-def register_existing(sockmap_pin, port, cgroup_path):
-    """Put already-listening proxy sockets into free slots of tp_listeners (each socket of
-    a SO_REUSEPORT group takes one, as sock_ops does at listen()); a socket already there
-    (an upgrade in place keeps the map) is left where it is.
+def _mark(pin, fd, cookie):
+    """tp_sk_ns of the socket: its namespace, as bind4/6 would have set it."""
+    with bpfsys.PinnedMap(pin, ct.c_int, ct.c_uint64) as storage:
+        storage.update(ct.c_int(fd), ct.c_uint64(cookie))
+
+
+def register_existing(paths, ns_index, netns_cookie, settings, cgroup_path):
+    """Mark the proxy sockets already listening on the namespace's redirect ports with the
+    namespace, and put those on the inbound port into free slots of its row of
+    tp_listeners (each socket of a SO_REUSEPORT group takes one, as sock_ops does at
+    listen()); a socket already there (an upgrade in place keeps the map) stays where it is.
     Returns (lines for --verbose, warnings every user must see)."""
     root = kernel.cgroup2_mount() or "/"
     cgroup_rel = "/" + os.path.relpath(cgroup_path, root).lstrip(".")
-    inodes = listening_inodes(port)
-    if not inodes:
-        return [f"no proxy listens on port {port} yet: it is registered when it does"], []
+    ports = [settings.outbound_port] + ([settings.inbound_port]
+                                        if settings.inbound_enabled else [])
     lines, warnings = [], []
-    holders = _holders(inodes, cgroup_rel)
-    if not holders:
-        warnings.append(f"something listens on port {port} outside {cgroup_path}: it is not "
-                        "the proxy of this cgroup, so inbound connections are refused until "
-                        "the proxy listens")
-    with bpfsys.PinnedMap(sockmap_pin, ct.c_uint32, ct.c_uint64) as sockmap:
+    for port in ports:
+        inbound = settings.inbound_enabled and port == settings.inbound_port
+        inodes = listening_inodes(port, loopback=True)
+        registrable = listening_inodes(port) if inbound else {}
+        if not registrable and inbound:
+            lines.append(f"no proxy listens on port {port} yet: it is registered when it "
+                         "does")
+        if not inodes:
+            continue
+        holders = _holders(inodes, cgroup_rel)
+        if registrable and not any(i in registrable for i in holders):
+            warnings.append(f"something listens on port {port} outside {cgroup_path}: it is "
+                            "not the proxy of this cgroup, so inbound connections are refused "
+                            "until the proxy listens")
         for inode, (pid, fd) in holders.items():
-            family = inodes[inode]
             try:
                 mine = _dup_from(pid, fd)
             except OSError as e:
                 warnings.append(f"cannot take the listener of pid {pid} on port {port} ({e}): "
-                                "inbound connections are refused until the proxy restarts")
+                                + ("inbound connections are refused until the proxy restarts"
+                                   if inbound else "restart the proxy"))
                 continue
             try:
-                taken = _cookies(sockmap, family)
-                if _socket_cookie(mine) in taken.values():
-                    lines.append(f"the listener of pid {pid} on port {port} is registered")
-                    continue
-                free = [k for k in _slots(family) if k not in taken]
-                if not free:
-                    warnings.append(f"all {abi.TP_LISTENER_SLOTS} listener slots are taken: "
-                                    f"the listener of pid {pid} on port {port} is not "
-                                    "registered (its reuseport group still is, if any "
-                                    "member is)")
-                    continue
-                sockmap.update(ct.c_uint32(free[0]), ct.c_uint64(mine))
-                lines.append(f"registered the listener of pid {pid} on port {port}")
+                _mark(paths.map("tp_sk_ns"), mine, netns_cookie)
+                if inode in registrable:
+                    lines.append(_register_one(paths.map("tp_listeners"), ns_index,
+                                               inodes[inode], mine, pid, port, warnings))
             finally:
                 os.close(mine)
-    return lines, warnings
+    return [ln for ln in lines if ln], warnings
 
 
-def registered(sockmap_pin):
-    """{"ipv4"/"ipv6": [socket cookie, ...]} of the listeners sk_lookup steers to now."""
+def _register_one(pin, ns_index, family, fd, pid, port, warnings):
+    with bpfsys.PinnedMap(pin, ct.c_uint32, ct.c_uint64) as sockmap:
+        taken = _cookies(sockmap, ns_index, family)
+        if _socket_cookie(fd) in taken.values():
+            return f"the listener of pid {pid} on port {port} is registered"
+        free = [k for k in _slots(ns_index, family) if k not in taken]
+        if not free:
+            warnings.append(f"all {abi.TP_LISTENER_SLOTS} listener slots are taken: the "
+                            f"listener of pid {pid} on port {port} is not registered (its "
+                            "reuseport group still is, if any member is)")
+            return None
+        sockmap.update(ct.c_uint32(free[0]), ct.c_uint64(fd))
+        return f"registered the listener of pid {pid} on port {port}"
+
+
+def registered(sockmap_pin, ns_index):
+    """{"ipv4"/"ipv6": [socket cookie, ...]} of the namespace's listeners sk_lookup steers
+    to now."""
     out = {}
+    if ns_index is None:
+        return out
     with bpfsys.PinnedMap(sockmap_pin, ct.c_uint32, ct.c_uint64) as sockmap:
         for family, name in ((abi.TP_LISTENER_V4, "ipv4"), (abi.TP_LISTENER_V6, "ipv6")):
-            cookies = list(_cookies(sockmap, family).values())
+            cookies = list(_cookies(sockmap, ns_index, family).values())
             if cookies:
                 out[name] = cookies
     return out

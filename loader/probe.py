@@ -93,14 +93,14 @@ PROBES = (
 # Probed features that change how the programs are built: probe name -> -D macro.
 FEATURE_MACROS = {"sock_ops netns cookie": "TP_SOCKOPS_NETNS_COOKIE"}
 FEATURE_FALLBACK = {
-    "sock_ops netns cookie": "without it (before 5.15), the proxy's inbound listener and "
-    "its accepted inbound sockets are taken without checking their network namespace "
-    "(outbound connections are scoped by connect4/6), and sockmap acceleration is off "
+    "sock_ops netns cookie": "without it (before 5.15), sock_ops tells the namespace of a "
+    "proxy's socket from the mark bind4/6 left on its listener (a proxy listening since "
+    "before install is marked by install), and sockmap acceleration is off "
     "(--ebpf-accelerate=true is refused)",
     "SO_NETNS_COOKIE": "without it (before 5.14), the loader learns its network namespace's "
     "cookie from a cgroup/sock_create program in a temporary child cgroup instead",
-    "instance netns cookie": "without it, connect4/6 cannot tell network namespaces apart: "
-    "sockets of every namespace in the cgroup are captured (install warns)",
+    "instance netns cookie": "without it, install cannot register the namespace: the node "
+    "program set acts only on registered namespaces' sockets (install refuses)",
 }
 
 # cgroup/sock_create has bpf_get_netns_cookie() from 5.7, as every sock_addr hook does:
@@ -119,18 +119,18 @@ int learn_netns_cookie(struct bpf_sock *ctx)
 """
 
 
-def learn_netns_cookie():
+def learn_netns_cookie(program=None):
     """The caller's network namespace cookie: SO_NETNS_COOKIE where the kernel has it, else
     read by a tiny cgroup/sock_create program attached (by an unpinned link, gone with this
     process's fd) to a temporary child cgroup of its own, in which a forked child of this
-    process (so: this network namespace) creates one socket. Returns (cookie, how); cookie
-    0 if neither works."""
+    process (so: this network namespace) creates one socket. program: (fd, pinned map) of
+    the node set's learn_netns_cookie, so that no compiler is needed; else one is built.
+    Returns (cookie, how); cookie 0 if neither works."""
     import ctypes as ct
     import os
     import socket
 
     from . import kernel
-    from .programs import QUIET_CFLAGS, bcc_compile, fd2_captured
 
     cookie = bpfsys.netns_cookie()
     if cookie:
@@ -138,16 +138,28 @@ def learn_netns_cookie():
     root = kernel.cgroup2_mount()
     if root is None:
         return 0, "no cgroup2 mount to run the cookie program in"
-    bpf = bcc_compile(COOKIE_SOURCE.encode(), QUIET_CFLAGS)
+    bpf = None
     cg = os.path.join(root, f"ebpf-tproxy-cookie-{os.getpid()}")
     try:
-        with fd2_captured():
-            fn = bpf.load_func(b"learn_netns_cookie", bpfsys.PROG_CGROUP_SOCK,
-                               attach_type=bpfsys.CGROUP_INET_SOCK_CREATE)
+        if program is None:
+            from .programs import QUIET_CFLAGS, bcc_compile, fd2_captured
+            bpf = bcc_compile(COOKIE_SOURCE.encode(), QUIET_CFLAGS)
+            with fd2_captured():
+                prog_fd = bpf.load_func(b"learn_netns_cookie", bpfsys.PROG_CGROUP_SOCK,
+                                        attach_type=bpfsys.CGROUP_INET_SOCK_CREATE).fd
+
+            def read():
+                return bpf[b"learned_cookie"][ct.c_int(0)].value
+        else:
+            prog_fd, map_pin = program
+
+            def read():
+                with bpfsys.PinnedMap(map_pin, ct.c_uint32, ct.c_uint64) as m:
+                    return m.lookup(ct.c_uint32(0)).value
         os.mkdir(cg, 0o700)
         cg_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            link = bpfsys.link_create(fn.fd, cg_fd, bpfsys.CGROUP_INET_SOCK_CREATE)
+            link = bpfsys.link_create(prog_fd, cg_fd, bpfsys.CGROUP_INET_SOCK_CREATE)
         finally:
             os.close(cg_fd)
         try:
@@ -166,14 +178,15 @@ def learn_netns_cookie():
             os.close(link)
         if os.waitstatus_to_exitcode(status) != 0:
             return 0, "the cookie program's child could not join its cgroup"
-        value = bpf[b"learned_cookie"][ct.c_int(0)].value
-        return value, "learned by a cgroup/sock_create program (no SO_NETNS_COOKIE before 5.14)"
+        return read(), ("learned by a cgroup/sock_create program (no SO_NETNS_COOKIE before "
+                        "5.14)")
     except Exception as e:   # BCC raises bare Exception; OSError from the cgroup
         return 0, f"the cookie program failed ({str(e).splitlines()[0]})"
     finally:
         if os.path.isdir(cg):
             os.rmdir(cg)
-        bpf.cleanup()
+        if bpf is not None:
+            bpf.cleanup()
 
 
 def build_features(results):

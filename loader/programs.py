@@ -24,8 +24,8 @@ def _bpf_dir():
 
 
 BPF_DIR = _bpf_dir()
-PROGRAM_FILES = ("connect.c", "udp.c", "sock_ops.c", "getsockopt.c", "getpeername.c",
-                 "sk_lookup.c", "sk_msg.c")
+PROGRAM_FILES = ("connect.c", "udp.c", "bind.c", "sock_ops.c", "getsockopt.c",
+                 "getpeername.c", "sk_lookup.c", "sk_msg.c", "learn_cookie.c")
 _INCLUDE = re.compile(r'^\s*#include "([^"]+)"\s*$')
 
 
@@ -37,7 +37,9 @@ class Program:
     hook: str           # what `status` and `check` call it
     required: bool      # False: missing on this kernel -> documented fallback
     missing_means: str  # what the user loses without it
-    target: str = "cgroup"   # attached to the cgroup, the network namespace, or a map
+    # attached to the node's cgroup, to each registered network namespace, to a map, or
+    # nowhere ("none": run by the loader itself, for a moment)
+    target: str = "cgroup"
 
 
 PROGRAMS = (
@@ -53,6 +55,10 @@ PROGRAMS = (
             "cgroup/recvmsg4", True, ""),
     Program("recvmsg6", bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_UDP6_RECVMSG,
             "cgroup/recvmsg6", True, ""),
+    Program("bind4", bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET4_BIND,
+            "cgroup/bind4", True, ""),
+    Program("bind6", bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET6_BIND,
+            "cgroup/bind6", True, ""),
     Program("sock_ops", bpfsys.PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS,
             "cgroup/sock_ops", True, ""),
     Program("getsockopt_orig_dst", bpfsys.PROG_CGROUP_SOCKOPT, bpfsys.CGROUP_GETSOCKOPT,
@@ -63,13 +69,17 @@ PROGRAMS = (
     Program("getpeername6", bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET6_GETPEERNAME,
             "cgroup/getpeername6", False,
             "applications see [::1]:<outbound port> from getpeername() (needs 5.8)"),
+    # Never attached to the node's cgroup: probe.learn_netns_cookie() runs it on a
+    # temporary cgroup of its own, so that no install after the first needs a compiler.
+    Program("learn_netns_cookie", bpfsys.PROG_CGROUP_SOCK, bpfsys.CGROUP_INET_SOCK_CREATE,
+            "temporary cgroup/sock_create", True, "", target="none"),
     Program("sk_lookup_inbound", bpfsys.PROG_SK_LOOKUP, bpfsys.SK_LOOKUP, "netns/sk_lookup",
             False, "no inbound capture (needs 5.9): install with --redirect-inbound=false",
             target="netns"),
     # Attached to the tp_accel map itself (no link: the attachment lives with the map).
     Program("sk_msg_accel", bpfsys.PROG_SK_MSG, bpfsys.SK_MSG_VERDICT, "sockhash/sk_msg",
-            False, "--ebpf-accelerate is unavailable (needs sk_msg with sk_storage, 5.15 "
-            "with the sock_ops netns check)", target="map:tp_accel"),
+            False, "--ebpf-accelerate is unavailable (needs sk_msg with sk_storage and the "
+            "netns cookie, 5.15)", target="map:tp_accel"),
 )
 
 
@@ -141,10 +151,7 @@ def compile_programs(pin_dir, features=()):
     """Build every program with BCC; maps are opened at (or created and pinned under)
     pin_dir. features: probed kernel features, each a -D macro (TP_SOCKOPS_NETNS_COOKIE).
     Returns the bcc.BPF object."""
-    cflags = [f'-DTP_PIN_DIR="{pin_dir}"'] + [f"-D{f}" for f in features] + QUIET_CFLAGS
-    # Test seam: a small connection table, to show what a full one does (tests/kernel).
-    if os.environ.get("EBPF_TPROXY_TEST_CONN_MAX"):
-        cflags.append(f"-DTP_CONN_MAX={int(os.environ['EBPF_TPROXY_TEST_CONN_MAX'])}")
+    cflags = [f'-DTP_PIN_DIR="{pin_dir}"'] + cflags_for(features) + QUIET_CFLAGS
     return bcc_compile(source().encode(), cflags)
 
 
@@ -153,3 +160,24 @@ def load(bpf, prog):
     # Programs attached to a map are loaded without an expected attach type.
     expected = -1 if prog.target.startswith("map:") else prog.attach_type
     return bpf.load_func(prog.name.encode(), prog.prog_type, attach_type=expected).fd
+
+
+def cflags_for(features=()):
+    """The build flags besides the pin directory: probed features and test seams."""
+    flags = [f"-D{f}" for f in features]
+    # Test seams: a small connection table, to show what a full one does; a build tag,
+    # which makes a program set of new code out of the same sources (an upgrade).
+    if os.environ.get("EBPF_TPROXY_TEST_CONN_MAX"):
+        flags.append(f"-DTP_CONN_MAX={int(os.environ['EBPF_TPROXY_TEST_CONN_MAX'])}")
+    if os.environ.get("EBPF_TPROXY_TEST_BUILD_TAG"):
+        flags.append(f"-DTP_TEST_BUILD_TAG={int(os.environ['EBPF_TPROXY_TEST_BUILD_TAG'])}")
+    return flags
+
+
+def digest(features=()):
+    """What the node program set was built from (our sources and build flags, not the
+    kernel headers): install rebuilds only when this changes."""
+    import hashlib
+    h = hashlib.sha256(source().encode())
+    h.update("\0".join(cflags_for(features)).encode())
+    return h.hexdigest()[:16]

@@ -242,9 +242,8 @@ class Lab:
         if self.bpffs:
             if kernel.is_bpffs(self.bpffs):
                 # Detach whatever an aborted test left attached, then drop the mount.
-                from .. import instance
-                for name in instance.list_instances(self.bpffs):
-                    instance.uninstall(self.bpffs, name)
+                from .. import lifecycle
+                lifecycle.uninstall(self.bpffs, everything=True)
                 sh("umount", self.bpffs, check=False)
             shutil.rmtree(self.bpffs, ignore_errors=True)
             self.bpffs = None

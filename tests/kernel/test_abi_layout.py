@@ -9,15 +9,24 @@ from loader import abi, programs
 
 # C struct used as a key or value of a map -> (map, "Key" or "Leaf")
 VIA_MAPS = {
-    "tp_config": ("tp_config", "Leaf"),
+    "tp_config": ("tp_ns", "Leaf"),
     "tp_uid_rule": ("tp_uid_rules", "Leaf"),
+    "tp_uid_rule_key": ("tp_uid_rules", "Key"),
     "tp_port_key": ("tp_ports", "Key"),
     "tp_cidr_key": ("tp_cidrs", "Key"),
+    "tp_addr_key": ("tp_ns_addrs", "Key"),
+    "tp_sk_orig": ("tp_sk_orig", "Leaf"),
     "tp_conn_key": ("tp_conns", "Key"),
     "tp_conn": ("tp_conns", "Leaf"),
-    "tp_meta": ("tp_meta", "Leaf"),
+    "tp_answer": ("tp_sk_answer", "Leaf"),
     "tp_sock_key": ("tp_accel", "Key"),
+    "tp_ns_counters": ("tp_counters", "Leaf"),
+    "tp_meta": ("tp_node", "Leaf"),
+    "tp_name": ("tp_ns_meta", "Key"),
 }
+# Maps BCC has no table class for (a sockhash, sk_storage): decoded from the module's
+# description directly.
+DECODED = {"tp_accel", "tp_sk_orig", "tp_sk_answer"}
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +45,17 @@ def compiled():
 
 
 def bcc_struct(compiled, map_name, which):
-    """The ctypes type BCC derived for a map's key or leaf. BCC has no table class for a
-    sockhash (tp_accel), so that one is decoded from the module's description directly."""
+    """The ctypes type BCC derived for a map's key or leaf."""
     import json
     from bcc.libbcc import lib
-    if map_name == "tp_accel":
+    if map_name in DECODED:
         desc = (lib.bpf_table_key_desc if which == "Key" else lib.bpf_table_leaf_desc)(
             compiled.module, map_name.encode())
         return compiled._decode_table_type(json.loads(desc))
-    return getattr(compiled[map_name.encode()], which)
+    table = compiled[map_name.encode()]
+    if which == "Leaf" and hasattr(table, "sLeaf"):
+        return table.sLeaf   # a per-CPU map: Leaf is one slot per CPU
+    return getattr(table, which)
 
 
 def layout(t):
@@ -74,5 +85,6 @@ def test_orig_dst_layout_matches_bcc(compiled):
     assert layout(abi.TpOrigDst) == layout(bcc_orig)
 
 
-def test_reason_counter_map_has_every_reason(compiled):
-    assert compiled[b"tp_counters"].max_entries == abi.TP_R_COUNT
+def test_every_namespace_table_serves_the_node_limit(compiled):
+    assert compiled[b"tp_ns"].max_entries == abi.TP_MAX_NS
+    assert compiled[b"tp_counters"].max_entries == abi.TP_MAX_NS

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from loader import abi, bpfsys
+from loader import abi, bpfsys, node
 from loader.lab import REMOTE_IP4, REMOTE_IP6
 
 from .conftest import DP_UID, has, haproxy_config, install, requires
@@ -121,8 +121,7 @@ def test_a_socket_whose_peer_left_stays_on_tcp(lab):
     install(lab, "--ebpf-accelerate")
     hold = hold_connection(lab)
     assert hold("one") == "one"
-    pin = os.path.join(lab.bpffs, "ebpf-tproxy", "default", f"maps-v{abi.TP_ABI_VERSION}",
-                       "tp_accel")
+    pin = node.NodePaths(lab.bpffs).map("tp_accel")
     with bpfsys.PinnedMap(pin, abi.TpSockKey, ct.c_uint64) as m:
         proxy_end = [k for k in m.keys() if k.local_port == 15001]
         assert len(proxy_end) == 1

@@ -49,7 +49,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(lab):
 
 def test_status_without_instances(lab):
     r = lab.tproxy("status")
-    assert r.returncode == 0 and "no instances installed" in r.stdout
+    assert r.returncode == 0 and "no namespace registered" in r.stdout
     r = lab.tproxy("uninstall")
     assert r.returncode == 0 and "nothing to uninstall" in r.stdout
 

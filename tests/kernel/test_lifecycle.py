@@ -1,6 +1,5 @@
 """Lifecycle: capture outlives the loader, install is idempotent and updates in place
 without a gap, a loader killed mid-install is recovered, uninstall leaves zero residue."""
-import ctypes as ct
 import json
 import os
 import signal
@@ -87,12 +86,14 @@ def test_update_in_place_has_no_gap(lab):
             assert h.stdout.readline().strip() == f"step {i}".encode()
         return len(held)
 
+    # New code (a build tag changes what the node set is built from) and a new
+    # configuration in one install: every link is swapped, then the namespace flips.
     upgrade = subprocess.Popen(
         [sys.executable, "-m", "loader.cli", "install", "--kuma-dp-user", DP_USER,
          "--exclude-outbound-ports", "8001", "--netns", lab.app_ns, "--ebpf-bpffs-path",
          lab.bpffs, "--ebpf-cgroup-path", lab.cgroup], stdin=subprocess.PIPE,
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-        env=dict(lab.env(), EBPF_TPROXY_TEST_HOLD="1"))
+        env=dict(lab.env(), EBPF_TPROXY_TEST_HOLD="1", EBPF_TPROXY_TEST_BUILD_TAG="1"))
     steps, echoed = {}, 0
     try:
         for line in upgrade.stderr:
@@ -114,15 +115,12 @@ def test_update_in_place_has_no_gap(lab):
     assert steps["after-flip"] == 0, steps
     assert echoed == 3 * len(steps) and captured_now() == 0
     # Only the generation in force has entries left.
-    from loader import instance
-    maps = instance.Maps(instance.Paths(lab.bpffs, "default"))
-    try:
-        gen = maps.active_gen()
-        assert {k.gen for k in maps.ports.keys()} == {gen}
+    from loader import namespace, node
+    with namespace.NodeMaps(node.NodePaths(lab.bpffs)) as maps:
+        cookie = maps.read_meta("default")["netns_cookie"]
+        gen = maps.config(cookie).gen
+        assert {k.gen for k in maps.ports.keys() if k.netns_cookie == cookie} == {gen}
         assert {k.gen for k in maps.cidrs.keys()} == {gen}
-        assert maps.config.lookup(ct.c_uint32(gen ^ 1)).flags == 0
-    finally:
-        maps.close()
 
 
 def _killed_mid_install(lab):
@@ -215,8 +213,10 @@ def test_failed_upgrade_restores_the_previous_programs(lab):
     listeners(lab)
     install(lab, "--exclude-outbound-ports", "1")
     first = status(lab)[0]
+    # New code (build tag) fails after its first link swap: every link goes back.
     r = lab.tproxy("install", "--kuma-dp-user", DP_USER, "--exclude-outbound-ports", "8000",
-                   env=dict(lab.env(), EBPF_TPROXY_TEST_FAIL="after-link"))
+                   env=dict(lab.env(), EBPF_TPROXY_TEST_FAIL="after-link",
+                            EBPF_TPROXY_TEST_BUILD_TAG="1"))
     assert r.returncode == 1, r.stderr
     after = status(lab)[0]
     assert after["problems"] == []

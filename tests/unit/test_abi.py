@@ -39,11 +39,25 @@ def test_every_reason_is_in_the_header():
 
 
 def test_cidr_keys_keep_families_apart():
-    v4 = abi.cidr_key(0, abi.TP_CIDR_EXCLUDE_OUT, "10.0.0.0/8")
-    v6 = abi.cidr_key(0, abi.TP_CIDR_EXCLUDE_OUT, "::/0")
-    assert (v4.prefixlen, v4.family) == (32 + 96 + 8, 4)
-    assert (v6.prefixlen, v6.family) == (32, 6)
+    v4 = abi.cidr_key(7, 0, abi.TP_CIDR_EXCLUDE_OUT, "10.0.0.0/8")
+    v6 = abi.cidr_key(7, 0, abi.TP_CIDR_EXCLUDE_OUT, "::/0")
+    assert (v4.prefixlen, v4.family) == (64 + 32 + 96 + 8, 4)
+    assert (v6.prefixlen, v6.family) == (64 + 32, 6)
     assert bytes(v4.addr)[10:12] == b"\xff\xff"
+
+
+def test_cidr_keys_start_with_the_namespace():
+    # The whole cookie is inside every prefix: a namespace's /0 never matches another's.
+    a = abi.cidr_key((1 << 40) + 5, 1, abi.TP_CIDR_LOCAL, "0.0.0.0/0")
+    assert (a.netns_lo, a.netns_hi) == (5, 1 << 8)
+    assert a.prefixlen >= 64
+
+
+def test_name_keys_are_bounded():
+    import pytest
+    assert abi.name_key("pod-1").name == b"pod-1"
+    with pytest.raises(ValueError):
+        abi.name_key("x" * abi.TP_NAME_MAX)
 
 
 def test_addr16_round_trip():

@@ -1,0 +1,334 @@
+"""install and uninstall: the node program set (node.py) plus one namespace's entries
+(namespace.py), in an order that never lets a connection escape capture and leaves nothing
+behind on failure.
+
+install, in the namespace to capture (the CLI enters --netns first):
+  1. the node program set: the pinned one when it was built from these sources, else
+     built once (BCC) and swapped onto every existing link (an upgrade);
+  2. the namespace's description, marked unfinished, so a loader killed from here on is
+     visible in `status` and undone by `uninstall`;
+  3. the cgroup links (unless a cgroup of the set already covers this one) and the
+     namespace's sk_lookup link;
+  4. the namespace's entries of the inactive generation, then one tp_ns update switches it;
+     after an RCU grace period the old generation's entries are deleted.
+A failure rolls back what this install did: a fresh registration's entries and links, a
+fresh node set entirely, the bpffs mount it made.
+"""
+import contextlib
+import dataclasses
+import fcntl
+import os
+import shutil
+import time
+
+from . import kernel, listeners, namespace, netinfo, node, probe, seams
+from .config import Settings
+from .node import InstallError, NodePaths
+
+MOUNT_MARKER_DIR = "/run/ebpf-tproxy"
+
+__all__ = ["InstallError", "install", "uninstall", "list_names", "bpffs_lock"]
+
+
+@contextlib.contextmanager
+def bpffs_lock(bpffs):
+    """One install/uninstall at a time per bpffs: flock on the mount point itself, so no
+    lock file is left behind."""
+    fd = os.open(bpffs, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _log(progress, msg):
+    if progress:
+        progress(msg)
+
+
+# ------------------------------------------------------------------------- install
+
+def install(settings: Settings, cgroup_path, progress=None):
+    """Register the caller's network namespace (install or update in place). Returns the
+    plan now in force."""
+    paths = NodePaths(settings.bpffs_path)
+    mounted = kernel.ensure_bpffs(settings.bpffs_path)
+    if mounted:
+        os.makedirs(MOUNT_MARKER_DIR, exist_ok=True)
+        open(_mount_marker(settings.bpffs_path), "w").close()
+    added_lo = False
+    try:
+        with bpffs_lock(settings.bpffs_path):
+            legacy = paths.legacy_instances()
+            if legacy:
+                raise InstallError(
+                    f"{paths.root} holds {', '.join(repr(n) for n in legacy)} of an earlier "
+                    "layout (a program set per instance); run 'ebpf-tproxy uninstall --all' "
+                    "(it removes those too), then install again; their connections in flight "
+                    "lose their SO_ORIGINAL_DST answer")
+            fresh_node = node.read_meta(paths) is None
+            try:
+                loaded = node.ensure_loaded(paths, progress)
+            except BaseException:
+                if fresh_node:
+                    node.remove(paths)
+                raise
+            try:
+                remove_stale(paths, progress)
+                # Kuma adds ::6/128 to lo for Envoy's IPv6 passthrough source (rule 4c); so
+                # do we, and uninstall removes it only if it was ours.
+                lo_problem = None
+                if settings.ipv6:
+                    added_lo, lo_problem = netinfo.ensure_lo_address()
+                p = _install_locked(settings, cgroup_path, paths, loaded, added_lo,
+                                    lo_problem, progress)
+            except BaseException:
+                if fresh_node:
+                    _log(progress, "install failed: removing the node program set it built")
+                    node.remove(paths)
+                raise
+            finally:
+                loaded.close()
+    except BaseException:
+        if added_lo:
+            netinfo.remove_lo_address()
+        _maybe_unmount(settings.bpffs_path)   # after the lock: its fd keeps the mount busy
+        raise
+    return p
+
+
+def _acceleration(settings, loaded, p, progress):
+    # Acceleration joins sockets by address and namespace in sock_ops and sk_msg; only the
+    # netns cookie there (5.15) tells two namespaces' identical 4-tuples apart. Asked for:
+    # refuse without it. Left to the default: on where it is safe, off (and said) where not.
+    can = ("TP_SOCKOPS_NETNS_COOKIE" in loaded.meta.get("features", [])
+           and "sk_msg_accel" in loaded)
+    if settings.accelerate is True and not can:
+        raise InstallError("--ebpf-accelerate: this kernel has no bpf_get_netns_cookie() in "
+                           "sock_ops and sk_msg (5.15), which keeps sockets of different "
+                           "network namespaces apart; install without --ebpf-accelerate")
+    if settings.accelerate is None:
+        settings = dataclasses.replace(settings, accelerate=can)
+        p["acceleration"] = ("on" if can else
+                             "off (this kernel has no netns cookie in sock_ops, 5.15)")
+    else:
+        p["acceleration"] = "on" if settings.accelerate else "off (--ebpf-accelerate=false)"
+    _log(progress, f"sockmap acceleration: {p['acceleration']}")
+    p["config"]["ebpf"]["accelerate"] = settings.accelerate
+    return settings
+
+
+def _install_locked(settings, cgroup_path, paths, loaded, added_lo, lo_problem, progress):
+    cookie, how = probe.learn_netns_cookie(
+        (loaded.fd("learn_netns_cookie"), paths.map("tp_learned_cookie")))
+    if not cookie:
+        raise InstallError(f"cannot learn this network namespace's cookie ({how}); the node "
+                           "program set acts only on registered namespaces: run "
+                           "'ebpf-tproxy check'")
+    p = namespace.plan(settings, netinfo.local_networks(), netinfo.default_instance_ips(),
+                       cgroup_path, cookie)
+    p["netns_cookie_from"] = how
+    if settings.ipv6 and lo_problem:
+        p.setdefault("warnings", []).append(lo_problem)
+    with namespace.NodeMaps(paths) as maps:
+        existing = maps.read_meta(settings.name)
+        if existing and existing.get("cgroup") != cgroup_path:
+            raise InstallError(
+                f"{settings.name!r} is attached to {existing.get('cgroup')}; uninstall it "
+                f"first or choose another --name for {cgroup_path}")
+        if existing and existing.get("netns_cookie") != cookie:
+            raise InstallError(
+                f"{settings.name!r} belongs to another network namespace (inode "
+                f"{existing.get('netns_inode')}); uninstall it first or choose another "
+                "--name")
+        p["added_lo_address"] = bool(added_lo or (existing or {}).get("added_lo_address"))
+        settings = _acceleration(settings, loaded, p, progress)
+        if settings.inbound_enabled and "sk_lookup_inbound" not in loaded:
+            prog = next(pr for pr in node.programs.PROGRAMS if pr.name == "sk_lookup_inbound")
+            raise InstallError(f"the kernel refused {prog.hook}: {prog.missing_means}")
+        fresh = existing is None
+        if fresh:
+            # Visible (and undone by uninstall) should this loader die from here on.
+            maps.write_meta(settings.name, dict(p, complete=False))
+        created, switch = [], None
+        try:
+            p["attached_at"], created = node.ensure_attached(paths, loaded, cgroup_path,
+                                                             progress)
+            if settings.inbound_enabled:
+                created += node.attach_netns(paths, loaded, settings.name, p["netns_inode"],
+                                             progress)
+            elif existing:
+                node.detach_netns(paths, settings.name)
+            switch = namespace.register(maps, settings, p, progress)
+            # Before the switch: from the moment capture is on, a proxy already listening
+            # must be there (inbound) and known as this namespace's (both ports).
+            lines, problems = listeners.register_existing(
+                paths, p["ns_index"], cookie, settings, cgroup_path)
+            for line in lines:
+                _log(progress, line)
+            p.setdefault("warnings", []).extend(problems)
+            seams.hold("before-flip")
+            switch.flip()
+            switch.clear_old()
+            seams.hold("after-flip")
+            maps.write_meta(settings.name, dict(
+                p, complete=True, installed_at=int(time.time()),
+                node={"digest": loaded.meta.get("digest"),
+                      "features": loaded.meta.get("features", [])}))
+        except BaseException:
+            if fresh:
+                _log(progress, "install failed: rolling back")
+                namespace.unregister(maps, settings.name)
+                node.detach(created)
+                detach_unused_cgroups(paths, maps)
+            elif switch is not None and not switch.flipped:
+                switch.undo()
+            raise
+    return p
+
+
+def detach_unused_cgroups(paths, maps):
+    """Detach the cgroup links no registered namespace is attached through."""
+    meta = node.read_meta(paths)
+    if not meta:
+        return []
+    used = {m.get("attached_at") or m.get("cgroup") for m in maps.registrations().values()}
+    removed = []
+    for cg_id, path in list(meta.get("cgroups", {}).items()):
+        if path in used:
+            continue
+        d = paths.cgroup_links(cg_id)
+        if os.path.isdir(d):
+            pins = [os.path.join(d, n) for n in sorted(os.listdir(d))]
+            node.detach(pins)
+            removed += [f"link cgroups/{cg_id}/{os.path.basename(x)}" for x in pins]
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        del meta["cgroups"][cg_id]
+        node.write_meta(paths, meta)
+    return removed
+
+
+def remove_stale(paths, progress=None):
+    """Namespaces deleted without uninstall: their entries and links go. Returns names."""
+    if node.read_meta(paths) is None:
+        return []
+    gone = []
+    links = node.link_infos(paths)
+    live = namespace.live_netns_inodes()
+    with namespace.NodeMaps(paths) as maps:
+        for name, meta in maps.registrations().items():
+            info = links.get(os.path.join("netns", name, "sk_lookup_inbound"))
+            if namespace.netns_alive(meta, info, live):
+                continue
+            namespace.unregister(maps, name)
+            node.detach_netns(paths, name)
+            gone.append(name)
+            _log(progress, f"removed {name!r}: its network namespace is gone")
+        if gone:
+            detach_unused_cgroups(paths, maps)
+    return gone
+
+
+# ------------------------------------------------------------------------- uninstall
+
+def _remove_legacy(paths, name):
+    """An instance of the earlier layout (<root>/<name>/{maps-v*,links}): detach its links,
+    remove its pins."""
+    d = os.path.join(paths.root, name)
+    if name == node.NODE_DIR or not os.path.isdir(d):
+        return []
+    links = os.path.join(d, "links")
+    pins = [os.path.join(links, n) for n in sorted(os.listdir(links))] \
+        if os.path.isdir(links) else []
+    node.detach(pins)
+    shutil.rmtree(d)
+    return [f"link {os.path.basename(x)}" for x in pins] + [d]
+
+
+def _mount_marker(bpffs):
+    return os.path.join(MOUNT_MARKER_DIR, "mounted-" + bpffs.strip("/").replace("/", "_"))
+
+
+def _maybe_unmount(bpffs):
+    """Unmount a bpffs that install mounted, once nothing of ours (or anyone's) is in it."""
+    marker = _mount_marker(bpffs)
+    if not os.path.exists(marker) or not kernel.is_bpffs(bpffs):
+        return False
+    # maps.debug / progs.debug are the kernel's own preloaded iterators, not pins.
+    if set(os.listdir(bpffs)) - {"maps.debug", "progs.debug"}:
+        return False
+    kernel.unmount(bpffs)
+    os.unlink(marker)
+    with contextlib.suppress(OSError):
+        os.rmdir(MOUNT_MARKER_DIR)
+    return True
+
+
+def _remove_lo_address_in(inode):
+    """Remove the ::6 install added to lo, in the namespace's own network namespace."""
+    import subprocess
+    if inode is None or inode == namespace.netns_inode():
+        netinfo.remove_lo_address()
+        return [f"{netinfo.KUMA_LO_V6}/128 on lo (added by install)"]
+    path = namespace._netns_path(inode)
+    if path is None:
+        return []   # the namespace is gone, and the address with it
+    subprocess.run(["nsenter", f"--net={path}", "ip", "-6", "addr", "del",
+                    f"{netinfo.KUMA_LO_V6}/128", "dev", "lo"], capture_output=True)
+    return [f"{netinfo.KUMA_LO_V6}/128 on lo of {path} (added by install)"]
+
+
+def list_names(bpffs):
+    """Every registered namespace's name (and instances of the earlier layout)."""
+    paths = NodePaths(bpffs)
+    if not kernel.is_bpffs(bpffs) or not os.path.isdir(paths.root):
+        return []
+    names = set(paths.legacy_instances())
+    if node.read_meta(paths) is not None:
+        with namespace.NodeMaps(paths) as maps:
+            names.update(maps.names())
+    return sorted(names)
+
+
+def uninstall(bpffs, name=None, everything=False):
+    """Remove one namespace (name) or everything. The node program set goes with the last
+    namespace. Returns what was removed (empty if there was nothing)."""
+    paths = NodePaths(bpffs)
+    if not kernel.is_bpffs(bpffs):
+        return []
+    removed, metas = [], []
+    with bpffs_lock(bpffs):
+        names = list_names(bpffs) if everything else [name]
+        for n in names:
+            removed += _remove_legacy(paths, n)
+        if os.path.isdir(paths.node):
+            try:
+                maps = namespace.NodeMaps(paths)
+            except OSError:
+                maps = None   # a node set whose build was killed: nothing registered
+            if maps is not None:
+                with maps:
+                    for n in names:
+                        m = maps.read_meta(n)
+                        if m is None:
+                            continue
+                        metas.append(m)
+                        removed += namespace.unregister(maps, n)
+                        removed += node.detach_netns(paths, n)
+                    left = maps.names()
+                    if left and removed:
+                        removed += detach_unused_cgroups(paths, maps)
+            else:
+                left = []
+            if not left:   # no namespace left: the program set has no purpose
+                removed += node.remove(paths)
+        with contextlib.suppress(OSError):
+            os.rmdir(paths.root)
+    for m in metas:
+        if m.get("added_lo_address"):
+            removed += _remove_lo_address_in(m.get("netns_inode"))
+    if _maybe_unmount(bpffs):   # after the lock: its fd keeps the mount busy
+        removed.append(f"bpffs mount at {bpffs} (mounted by install)")
+    return removed

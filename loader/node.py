@@ -1,0 +1,424 @@
+"""The node program set: compiled and loaded once per bpffs, shared by every namespace.
+
+Everything lives under <bpffs>/ebpf-tproxy/node/:
+    maps-v<ABI>/     every map of bpf/tproxy_maps.h; the per-namespace tables are keyed by
+                     the namespace's cookie (namespace.py writes them)
+    progs-v<ABI>/    every program, pinned, so that each install after the first links
+                     these: no BCC import, no clang, no kernel headers
+    cgroups/<id>/    one pinned link per cgroup hook, for each cgroup the set is attached to
+    netns/<name>/    the sk_lookup link of each registered namespace (same program)
+The set's own description (what it was built from, with which kernel features, where it is
+attached) is the JSON in tp_node.
+
+Upgrade: when the sources (or build flags) differ from what the set was built from, the new
+set is compiled once, its programs pinned in place of the old ones and swapped on every link
+with bpf_link_update (atomic per hook); the maps stay, so answers in flight survive.
+"""
+import contextlib
+import ctypes as ct
+import json
+import os
+import shutil
+import time
+
+from . import __version__, abi, bpfsys, probe, programs, seams
+
+ROOT_DIR = "ebpf-tproxy"
+NODE_DIR = "node"
+
+
+class InstallError(RuntimeError):
+    """Install could not complete; the message is one line with cause and fix."""
+
+
+def _log(progress, msg):
+    if progress:
+        progress(msg)
+
+
+class NodePaths:
+    def __init__(self, bpffs):
+        self.bpffs = bpffs
+        self.root = os.path.join(bpffs, ROOT_DIR)
+        self.node = os.path.join(self.root, NODE_DIR)
+        self.maps = os.path.join(self.node, f"maps-v{abi.TP_ABI_VERSION}")
+        self.progs = os.path.join(self.node, f"progs-v{abi.TP_ABI_VERSION}")
+        self.cgroups = os.path.join(self.node, "cgroups")
+        self.netns = os.path.join(self.node, "netns")
+
+    def map(self, name):
+        return os.path.join(self.maps, name)
+
+    def prog(self, name):
+        return os.path.join(self.progs, name)
+
+    def cgroup_links(self, cgroup_id):
+        return os.path.join(self.cgroups, str(cgroup_id))
+
+    def netns_link(self, name):
+        return os.path.join(self.netns, name, "sk_lookup_inbound")
+
+    def legacy_instances(self):
+        """Instances of the layout before the node program set (ABI <= 3): one directory
+        per instance name beside node/."""
+        if not os.path.isdir(self.root):
+            return []
+        return sorted(e for e in os.listdir(self.root) if e != NODE_DIR)
+
+
+def read_meta(paths):
+    """The node set's description, or None if there is no (complete) node set."""
+    try:
+        m = bpfsys.PinnedMap(paths.map("tp_node"), ct.c_uint32, abi.TpMeta)
+    except OSError:
+        return None
+    try:
+        v = m.lookup(ct.c_uint32(0))
+        if not v or not v.len:
+            return None
+        return json.loads(bytes(v.json[:v.len]).decode())
+    except (OSError, ValueError):
+        return None
+    finally:
+        m.close()
+
+
+def write_meta(paths, meta):
+    raw = json.dumps(meta, separators=(",", ":")).encode()
+    if len(raw) > abi.TP_META_SIZE:
+        raise InstallError(f"the node description is {len(raw)} bytes, over "
+                           f"{abi.TP_META_SIZE}; attach at fewer cgroups")
+    with bpfsys.PinnedMap(paths.map("tp_node"), ct.c_uint32, abi.TpMeta) as m:
+        m.update(ct.c_uint32(0), abi.TpMeta(len(raw), raw))
+
+
+class Loaded:
+    """The node set's programs, as fds this process holds: {name: fd}."""
+
+    def __init__(self, fds, meta, built):
+        self.fds, self.meta, self.built = fds, meta, built
+
+    def close(self):
+        for fd in self.fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = {}
+
+    def __contains__(self, name):
+        return name in self.fds
+
+    def fd(self, name):
+        return self.fds[name]
+
+
+def _pinned_current(paths, meta):
+    """fds of the pinned programs if the set was built from today's sources, else None."""
+    if not meta or meta.get("abi") != abi.TP_ABI_VERSION:
+        return None
+    if meta.get("digest") != programs.digest(meta.get("features", [])):
+        return None
+    fds = {}
+    try:
+        for name in meta.get("programs", []):
+            fds[name] = bpfsys.obj_get(paths.prog(name))
+    except OSError:
+        for fd in fds.values():
+            os.close(fd)
+        return None
+    return fds
+
+
+def ensure_loaded(paths, progress=None):
+    """The node program set, loaded: the pinned one when it was built from these sources
+    (the fast path: no compiler), else built, pinned and swapped onto every existing link."""
+    meta = read_meta(paths)
+    fds = _pinned_current(paths, meta)
+    if fds is not None:
+        _log(progress, f"node program set {meta['digest']} already loaded: no build needed")
+        return Loaded(fds, meta, built=False)
+    return _build(paths, meta, progress)
+
+
+def _build(paths, old_meta, progress):
+    os.makedirs(paths.maps, exist_ok=True)
+    os.makedirs(paths.progs, exist_ok=True)
+    _log(progress, "probing kernel features")
+    try:
+        features = list(probe.build_features(probe.probe_hooks(learn_cookie=False)))
+    except Exception as e:
+        raise InstallError(f"BCC could not build the feature probes ({str(e).splitlines()[0]})"
+                           "; run 'make setup' and 'ebpf-tproxy check'") from None
+    _log(progress, "compiling the node program set (BCC)"
+         + (f" with {', '.join(features)}" if features else ""))
+    try:
+        bpf = programs.compile_programs(paths.maps, features)
+    except Exception as e:   # BCC raises a bare Exception; its compiler output is on stderr
+        raise InstallError(f"BCC could not build the programs ({str(e).splitlines()[0]}); "
+                           "run 'make setup' (kernel headers, python3-bpfcc) and "
+                           "'ebpf-tproxy check'") from None
+    fds, missing = {}, {}
+    try:
+        for prog in programs.PROGRAMS:
+            try:
+                fds[prog.name] = os.dup(programs.load(bpf, prog))
+            except Exception as e:
+                if prog.required:
+                    raise InstallError(f"the kernel refused {prog.hook} "
+                                       f"({str(e).splitlines()[0]}); run 'ebpf-tproxy check'")
+                missing[prog.name] = prog.missing_means
+                _log(progress, f"warning: {prog.hook} unavailable, so {prog.missing_means}")
+        swapped = _swap_links(paths, fds, progress)
+        try:
+            for name, fd in fds.items():
+                pin = paths.prog(name)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(pin)
+                bpfsys.obj_pin(fd, pin)
+            if "sk_msg_accel" in fds:
+                # Replaces the map's previous program; it only runs for sockets that
+                # sock_ops adds, which it does only for namespaces with TP_F_ACCELERATE.
+                accel = bpfsys.obj_get(paths.map("tp_accel"))
+                try:
+                    bpfsys.prog_attach(fds["sk_msg_accel"], accel, bpfsys.SK_MSG_VERDICT)
+                finally:
+                    os.close(accel)
+            meta = dict(old_meta or {}, version=__version__, abi=abi.TP_ABI_VERSION,
+                        digest=programs.digest(features), features=features,
+                        programs=sorted(fds), unavailable=missing, built_at=int(time.time()))
+            meta.setdefault("cgroups", {})
+            write_meta(paths, meta)
+        except BaseException:
+            _restore(swapped, progress)
+            raise
+        finally:
+            for _, old_fd in swapped:
+                os.close(old_fd)
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    finally:
+        bpf.cleanup()
+    _log(progress, f"node program set {meta['digest']} loaded and pinned")
+    return Loaded(fds, meta, built=True)
+
+
+def _all_links(paths):
+    """(pin, program name) of every link of the node set."""
+    out = []
+    for top in (paths.cgroups, paths.netns):
+        if not os.path.isdir(top):
+            continue
+        for sub in sorted(os.listdir(top)):
+            d = os.path.join(top, sub)
+            for name in sorted(os.listdir(d)):
+                out.append((os.path.join(d, name), name))
+    return out
+
+
+def _swap_links(paths, fds, progress):
+    """Point every existing link at the new program of its hook (an upgrade). Returns
+    [(pin, fd of the program it ran before)] for a rollback."""
+    swapped = []
+    try:
+        for pin, name in _all_links(paths):
+            if name not in fds:
+                continue
+            link_fd = bpfsys.obj_get(pin)
+            try:
+                info = bpfsys.link_info(link_fd)
+                if not info["target_id"]:
+                    continue   # its cgroup or namespace is gone; install/status clean it
+                old_fd = bpfsys.prog_fd_by_id(info["prog_id"])
+                try:
+                    bpfsys.link_update(link_fd, fds[name])
+                except BaseException:
+                    os.close(old_fd)
+                    raise
+                swapped.append((pin, old_fd))
+            finally:
+                os.close(link_fd)
+            seams.after_link(name)
+        if swapped:
+            _log(progress, f"updated {len(swapped)} links in place")
+    except BaseException:
+        _restore(swapped, progress)
+        for _, old_fd in swapped:
+            os.close(old_fd)
+        raise
+    return swapped
+
+
+def _restore(swapped, progress):
+    for pin, old_fd in reversed(swapped):
+        with contextlib.suppress(OSError):
+            link_fd = bpfsys.obj_get(pin)
+            try:
+                bpfsys.link_update(link_fd, old_fd)
+            finally:
+                os.close(link_fd)
+    if swapped:
+        _log(progress, f"restored the previous program on {len(swapped)} links")
+
+
+def _cgroup_programs(loaded):
+    return [p for p in programs.PROGRAMS if p.target == "cgroup" and p.name in loaded]
+
+
+def _within(path, top):
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def attach_point_for(meta, cgroup_path):
+    """The cgroup of the node set that covers cgroup_path (itself or an ancestor), or None.
+    Raises if cgroup_path contains one: the programs would run twice for its sockets."""
+    for path in (meta or {}).get("cgroups", {}).values():
+        if _within(cgroup_path, path):
+            return path
+        if _within(path, cgroup_path):
+            raise InstallError(f"the node program set is attached to {path}, inside "
+                               f"{cgroup_path}; attaching it to both would run it twice for "
+                               f"the same sockets: install with --ebpf-cgroup-path {path}, or "
+                               "uninstall --all first")
+    return None
+
+
+def ensure_attached(paths, loaded, cgroup_path, progress=None):
+    """Attach the cgroup programs to cgroup_path unless a cgroup of the set covers it.
+    Returns (the covering cgroup, [pins created] for a rollback)."""
+    meta = loaded.meta
+    covering = attach_point_for(meta, cgroup_path)
+    cg_id = os.stat(cgroup_path).st_ino
+    if covering is not None and covering != cgroup_path:
+        return covering, []
+    created = []
+    for cid, path in list((meta.get("cgroups") or {}).items()):
+        if path == cgroup_path and cid != str(cg_id):
+            # The cgroup was removed and made again: its old links are detached for good.
+            old = paths.cgroup_links(cid)
+            if os.path.isdir(old):
+                detach([os.path.join(old, n) for n in os.listdir(old)])
+                shutil.rmtree(old, ignore_errors=True)
+            del meta["cgroups"][cid]
+            covering = None
+    d = paths.cgroup_links(cg_id)
+    os.makedirs(d, exist_ok=True)
+    cg_fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for prog in _cgroup_programs(loaded):
+            pin = os.path.join(d, prog.name)
+            if os.path.exists(pin):
+                link_fd = bpfsys.obj_get(pin)
+                try:
+                    alive = bpfsys.link_info(link_fd)["target_id"] == cg_id
+                finally:
+                    os.close(link_fd)
+                if alive:
+                    continue
+                os.unlink(pin)   # the cgroup was removed and made again: detached
+            link_fd = bpfsys.link_create(loaded.fd(prog.name), cg_fd, prog.attach_type)
+            try:
+                bpfsys.obj_pin(link_fd, pin)
+            finally:
+                os.close(link_fd)
+            created.append(pin)
+            _log(progress, f"attached {prog.hook} to {cgroup_path}")
+            seams.after_link(prog.name)
+    except BaseException:
+        detach(created)
+        raise
+    finally:
+        os.close(cg_fd)
+    if covering is None:
+        meta.setdefault("cgroups", {})[str(cg_id)] = cgroup_path
+        write_meta(paths, meta)
+    return cgroup_path, created
+
+
+def attach_netns(paths, loaded, name, netns_inode, progress=None):
+    """The namespace's sk_lookup link (the caller is in that namespace). Returns the pins
+    created (for a rollback)."""
+    if "sk_lookup_inbound" not in loaded:
+        return []
+    pin = paths.netns_link(name)
+    if os.path.exists(pin):
+        fd = bpfsys.obj_get(pin)
+        try:
+            alive = bpfsys.link_info(fd)["target_id"] == netns_inode
+        finally:
+            os.close(fd)
+        if alive:
+            return []
+        os.unlink(pin)
+    os.makedirs(os.path.dirname(pin), exist_ok=True)
+    ns_fd = os.open("/proc/self/ns/net", os.O_RDONLY)
+    try:
+        link_fd = bpfsys.link_create(loaded.fd("sk_lookup_inbound"), ns_fd, bpfsys.SK_LOOKUP)
+    finally:
+        os.close(ns_fd)
+    try:
+        bpfsys.obj_pin(link_fd, pin)
+    finally:
+        os.close(link_fd)
+    _log(progress, f"attached netns/sk_lookup to network namespace (inode {netns_inode})")
+    try:
+        seams.after_link("sk_lookup_inbound")
+    except BaseException:
+        detach([pin])
+        raise
+    return [pin]
+
+
+def detach(pins):
+    """Detach and unpin links (detached now, even if some process holds one open)."""
+    for pin in pins:
+        try:
+            fd = bpfsys.obj_get(pin)
+            try:
+                bpfsys.link_detach(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pin)
+
+
+def detach_netns(paths, name):
+    pin = paths.netns_link(name)
+    if not os.path.exists(pin):
+        return []
+    detach([pin])
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(pin))
+    return [f"link netns/{name}/sk_lookup_inbound"]
+
+
+def link_infos(paths):
+    """{pin relative to node/: link info} of every link of the set."""
+    out = {}
+    for pin, _ in _all_links(paths):
+        rel = os.path.relpath(pin, paths.node)
+        try:
+            fd = bpfsys.obj_get(pin)
+            try:
+                out[rel] = bpfsys.link_info(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            out[rel] = {"error": str(e)}
+    return out
+
+
+def remove(paths):
+    """Detach every link, then remove every pin and directory of the node set."""
+    removed = []
+    for pin, name in _all_links(paths):
+        detach([pin])
+        removed.append(f"link {os.path.relpath(pin, paths.node)}")
+    if os.path.isdir(paths.node):
+        shutil.rmtree(paths.node)
+        removed.append(paths.node)
+    with contextlib.suppress(OSError):
+        os.rmdir(paths.root)   # only if nothing else is left
+    return removed
