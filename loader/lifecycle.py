@@ -67,6 +67,16 @@ def install(settings: Settings, cgroup_path, progress=None):
                     "layout (a program set per instance); run 'ebpf-tproxy uninstall --all' "
                     "(it removes those too), then install again; their connections in flight "
                     "lose their SO_ORIGINAL_DST answer")
+            other = paths.other_layouts()
+            if other:
+                # New maps could not hold the registrations the old ones do, nor answer the
+                # connections in flight: refuse rather than capture nothing silently.
+                raise InstallError(
+                    f"the node program set in {paths.node} has another map layout "
+                    f"({', '.join(other)}; this version uses {os.path.basename(paths.maps)}): "
+                    "run 'ebpf-tproxy uninstall --all' with either version, then install "
+                    "each namespace again; connections in flight lose their SO_ORIGINAL_DST "
+                    "answer")
             fresh_node = node.read_meta(paths) is None
             try:
                 loaded = node.ensure_loaded(paths, progress)

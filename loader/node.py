@@ -58,6 +58,14 @@ class NodePaths:
     def netns_link(self, name):
         return os.path.join(self.netns, name, "sk_lookup_inbound")
 
+    def other_layouts(self):
+        """maps-v<N> directories of another layout than this version's, in node/."""
+        if not os.path.isdir(self.node):
+            return []
+        mine = os.path.basename(self.maps)
+        return sorted(e for e in os.listdir(self.node)
+                      if e.startswith("maps-v") and e != mine)
+
     def legacy_instances(self):
         """Instances of the layout before the node program set (ABI <= 3): one directory
         per instance name beside node/."""

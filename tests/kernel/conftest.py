@@ -54,20 +54,83 @@ def conntrack(request):
 
 
 @pytest.fixture
-def lab(conntrack):
+def neighbours(request):
+    """Whether the lab's node program set already serves other namespaces, each with
+    settings of its own, when the test starts (a node of many pods). Modules that set
+    NEIGHBOURS_TOO = True run every lab test also that way."""
+    return getattr(request, "param", False)
+
+
+@pytest.fixture
+def lab(conntrack, neighbours):
+    from . import residue
+    residue.BASELINE_PINS = set()
     with Lab("t", conntrack=conntrack) as lab:
-        yield lab
+        if not neighbours:
+            yield lab
+            return
+        sibling = lab.cgroup + "-neighbours"
+        os.mkdir(sibling)
+        try:
+            add_neighbours(lab, sibling)
+            yield lab
+        finally:
+            lab.close()   # uninstalls everything first, then the cgroup can go
+            os.rmdir(sibling)
+
+
+NEIGHBOUR_SETTINGS = (
+    ["--exclude-outbound-ports", "8000,8001", "--redirect-inbound=false"],
+    ["--redirect-outbound-port", "15011", "--redirect-inbound-port", "15016",
+     "--exclude-inbound-ports", "8000"],
+    ["--redirect-dns", "--exclude-outbound-ips", "0.0.0.0/0", "--kuma-dp-user", "daemon"],
+)
+
+
+def pod_netns(lab):
+    """Another namespace of the lab with an address and a default route (a veth pair of
+    its own: no other host is needed)."""
+    ns = lab.add_netns()
+    n = len(lab.extra_ns)
+    for cmd in (["link", "add", "d0", "type", "veth", "peer", "name", "d1"],
+                ["link", "set", "d0", "up"], ["link", "set", "d1", "up"],
+                ["addr", "add", f"10.77.{n}.2/24", "dev", "d0"],
+                ["route", "add", "default", "dev", "d0"]):
+        lab.ip(ns, *cmd)
+    return ns
+
+
+def add_neighbours(lab, cgroup):
+    """Three namespaces registered in the lab's bpffs before the test, in a sibling cgroup
+    (the node set attached there too), named to sort after the test's own."""
+    for i, args in enumerate(NEIGHBOUR_SETTINGS):
+        ns = pod_netns(lab)
+        r = lab.tproxy("install", *(["--kuma-dp-user", DP_USER]
+                                    if "--kuma-dp-user" not in args else []),
+                       *args, "--name", f"zz-neighbour-{i}", "--netns", f"/run/netns/{ns}",
+                       "--ebpf-cgroup-path", cgroup, netns=False)
+        assert r.returncode == 0, r.stderr
+    from . import residue
+    residue.BASELINE_PINS = set(residue.pins(lab.bpffs))
 
 
 def pytest_generate_tests(metafunc):
-    if getattr(metafunc.module, "CONNTRACK_BOTH", False) and \
-            "conntrack" in metafunc.fixturenames:
-        # kernels-ci runs the conntrack lab only where a test asks for it (conntrack_ci):
-        # what conntrack changes does not depend on the kernel, and every test there costs
-        # a minute under emulation.
-        with_ct = pytest.param(True, marks=pytest.mark.conntrack_lab)
-        metafunc.parametrize("conntrack", [False, with_ct], ids=["clean", "conntrack"],
-                             indirect=True)
+    ct = getattr(metafunc.module, "CONNTRACK_BOTH", False) and \
+        "conntrack" in metafunc.fixturenames
+    nb = getattr(metafunc.module, "NEIGHBOURS_TOO", False) and \
+        "neighbours" in metafunc.fixturenames
+    # kernels-ci runs the conntrack and neighbours labs only where a test asks for it
+    # (conntrack_ci): what they change does not depend on the kernel (test_node.py covers
+    # several namespaces there), and every test costs a minute under emulation.
+    variants = [pytest.param(False, False, id="clean")]
+    if ct:
+        variants.append(pytest.param(True, False, id="conntrack",
+                                     marks=pytest.mark.conntrack_lab))
+    if nb:
+        variants.append(pytest.param(False, True, id="neighbours",
+                                     marks=pytest.mark.neighbours_lab))
+    if ct or nb:
+        metafunc.parametrize("conntrack,neighbours", variants, indirect=True)
 
 
 def listeners(lab):

@@ -16,6 +16,7 @@ from .conftest import APP_UID, DP_UID, OTHER_UID, install
 # A clean lab and one with conntrack active, as on hosts with Docker, kube-proxy or
 # firewalld: SO_ORIGINAL_DST must be ours in both.
 CONNTRACK_BOTH = True
+NEIGHBOURS_TOO = True   # also in a node already serving other namespaces (conftest)
 
 MESH, UPSTREAM = "240.0.0.1", "198.18.0.99"
 OTHER_RESOLVER = "198.18.0.4"     # a second resolver on the remote host, not in resolv.conf

@@ -13,6 +13,7 @@ from .conftest import DP_UID, haproxy_config, install
 # A clean lab and one with conntrack active, as on hosts with Docker, kube-proxy or
 # firewalld: SO_ORIGINAL_DST must be ours in both.
 CONNTRACK_BOTH = True
+NEIGHBOURS_TOO = True   # also in a node already serving other namespaces (conftest)
 
 
 def curl(lab, url):

@@ -16,6 +16,7 @@ from .residue import cgroup_attachments, pins, snapshot, wait_back_to
 # A clean lab and one with conntrack active, as on hosts with Docker, kube-proxy or
 # firewalld: SO_ORIGINAL_DST must be ours in both.
 CONNTRACK_BOTH = True
+NEIGHBOURS_TOO = True   # also in a node already serving other namespaces (conftest)
 
 LS = [sys.executable, "-m", "loader.lab.servers"]
 

@@ -12,7 +12,7 @@ import pytest
 
 from loader.lab import REMOTE_IP4
 
-from .conftest import CGROUP_HOOKS, DP_USER, install, listeners, reached
+from .conftest import CGROUP_HOOKS, DP_USER, install, listeners, pod_netns, reached
 from .residue import bpftool, cgroup_attachments, pins, snapshot, wait_back_to
 
 # A destination routed out of each extra namespace's own veth pair (nothing answers
@@ -26,16 +26,7 @@ def status(lab, name=None):
     return json.loads(r.stdout)
 
 
-def pod(lab):
-    """Another namespace of the lab with an address and a default route (a veth pair of
-    its own: no other host is needed)."""
-    ns = lab.add_netns()
-    for cmd in (["link", "add", "d0", "type", "veth", "peer", "name", "d1"],
-                ["link", "set", "d0", "up"], ["link", "set", "d1", "up"],
-                ["addr", "add", f"10.77.{len(lab.extra_ns)}.2/24", "dev", "d0"],
-                ["route", "add", "default", "dev", "d0"]):
-        lab.ip(ns, *cmd)
-    return ns
+pod = pod_netns
 
 
 def install_in(lab, ns, name, *args, env=None):
@@ -185,3 +176,48 @@ def test_the_previous_layout_is_refused_and_removed_by_uninstall_all(lab, tmp_pa
     assert wait_back_to(before) == {}
     install(lab)
     assert reached(lab, REMOTE_IP4, 8000)["line"].startswith("out ")
+
+
+def test_250_namespaces_each_decide_by_their_own_settings(lab):
+    """A node of 250 pods (Kubernetes allows 110 by default): every namespace registered
+    with settings of its own; a sample of them decide by theirs, none by a neighbour's."""
+    listeners(lab)
+    install(lab, "--exclude-outbound-ports", "8001")
+    pods = []
+    for i in range(249):
+        ns = pod(lab)
+        install_in(lab, ns, f"pod{i:03d}", "--exclude-outbound-ports", str(9000 + i % 7))
+        pods.append(ns)
+    st = status(lab)
+    assert len(st) == 250 and all(not e["problems"] for e in st)
+    sample = [0, 1, 6, 100, 248]
+    for i in sample:
+        for port in (9000 + i % 7, 9000 + (i + 1) % 7):
+            try_connect(lab, pods[i], port)
+    by_name = {e["name"]: e["counters"] for e in status(lab)}
+    for i in sample:
+        c = by_name[f"pod{i:03d}"]
+        assert (c["excluded_port"], c["redirected_outbound"]) == (1, 1), (i, c)
+    untouched = [n for n, c in by_name.items() if n.startswith("pod") and
+                 int(n[3:]) not in sample and (c["excluded_port"] or c["redirected_outbound"])]
+    assert untouched == []
+    assert reached(lab, REMOTE_IP4, 8001)["line"].startswith("remote ")
+    assert reached(lab, REMOTE_IP4, 8000)["line"].startswith("out ")
+
+
+def test_a_node_set_of_another_map_layout_is_refused_not_silently_replaced(lab):
+    """New maps could hold neither the namespaces the old ones register nor the answers in
+    flight: install refuses with one line, and uninstall --all clears the node."""
+    listeners(lab)
+    before = snapshot()
+    install(lab)
+    from loader import node
+    os.mkdir(os.path.join(node.NodePaths(lab.bpffs).node, "maps-v99"))   # a later layout's
+    r = install(lab, ok=False)
+    assert r.returncode == 1 and "maps-v99" in r.stderr and "uninstall --all" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert reached(lab, REMOTE_IP4, 8000)["line"].startswith("out ")   # still capturing
+    r = lab.tproxy("uninstall", "--all")
+    assert r.returncode == 0, r.stderr
+    assert cgroup_attachments(lab.cgroup) == [] and pins(lab.bpffs) == []
+    assert wait_back_to(before) == {}

@@ -10,6 +10,8 @@ from loader.lab import APP_IP4, APP_IP6, REMOTE_IP4, REMOTE_IP6
 
 from .conftest import APP_UID, DP_UID, OTHER_UID, install, listeners, reached, requires
 
+NEIGHBOURS_TOO = True   # also in a node already serving other namespaces (conftest)
+
 FAMILIES = [
     pytest.param(dict(remote=REMOTE_IP4, own=APP_IP4, lo="127.0.0.1", lo_other="127.0.0.5",
                       passthrough="127.0.0.6", fmt="{}:{}"), id="ipv4"),
