@@ -49,6 +49,7 @@ bench: setup
 	@bash scripts/setup.sh bench
 	$(PY) bench/run.py
 	$(PY) bench/state_scaling.py
+	$(PY) bench/node_scaling.py
 
 clean:
 	rm -rf .venv *.egg-info .pytest_cache

@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from loader import abi  # noqa: E402
+from loader import node  # noqa: E402
 from loader.lab import REMOTE_IP4, Lab  # noqa: E402
 
 SOURCES = ("198.18.0.1", "198.18.0.5")
@@ -99,9 +99,7 @@ def main():
             answers = {key: answers[key] + got[key] for key in answers}
         st = json.loads(lab.tproxy("status", "--output", "json").stdout)[0]
         maps = json.loads(subprocess.run(["bpftool", "-j", "map", "show", "pinned",
-                                          os.path.join(lab.bpffs, "ebpf-tproxy", "default",
-                                                       f"maps-v{abi.TP_ABI_VERSION}",
-                                                       "tp_conns")],
+                                          node.NodePaths(lab.bpffs).map("tp_conns")],
                                          capture_output=True, text=True).stdout)
         live = st["tracked_connections"]
         # Acceleration (on by default where supported): tp_accel holds 65,536 sockets, so

@@ -10,13 +10,14 @@
  * client dialed. It lives and dies with the socket; no table is read here.
  *
  * The program runs after the kernel handled the call, for every getsockopt of every
- * socket in the cgroup, innermost cgroup first when several instances are nested. So:
+ * socket in the cgroup, innermost cgroup first when several program sets are nested
+ * (another bpffs's node set, another tool's). So:
  *  - our answer wins over the kernel's: wherever conntrack is active (Docker, kube-proxy,
  *    firewalld, ufw, Kuma's --drop-invalid-packets) the kernel answers every connection,
  *    and for one that connect4/6 rewrote it answers the rewritten destination, the proxy
  *    itself;
  *  - with no answer of ours, an answer already given stays as it is, whether the kernel's
- *    (conntrack behind a real NAT) or an inner instance's; only a kernel answer that
+ *    (conntrack behind a real NAT) or an inner program set's; only a kernel answer that
  *    would send the proxy back to itself is refused, never passed on as a loop;
  *  - every other option passes through untouched: optlen = 0 tells the kernel to keep
  *    its own result (values over a page would otherwise fail with EFAULT).

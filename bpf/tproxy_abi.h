@@ -20,8 +20,10 @@
 #define TP_ABI_VERSION 4
 
 /* Network namespaces one node program set serves at once (tp_ns). Kubernetes runs 110 pods
- * a node by default; every per-namespace table is keyed by the namespace's cookie and
- * allocated per entry (BPF_F_NO_PREALLOC), so this bounds memory, it does not reserve it. */
+ * a node by default. The per-namespace tables are keyed by the namespace's cookie and
+ * allocated per entry (BPF_F_NO_PREALLOC), so for them this bounds memory rather than
+ * reserving it; the per-CPU counters (tp_counters) and the listener sockmap (8 bytes per
+ * slot) are preallocated for TP_MAX_NS. */
 #define TP_MAX_NS 1024
 #define TP_MAX_UID_RULES 32      /* --exclude-outbound-ports-for-uids entries (per namespace) */
 #define TP_MAX_PORT_RANGES 16    /* port ranges in one such entry */
@@ -253,7 +255,7 @@ struct tp_ns_counters {
 
 /* A description as JSON written by the loader (status reads it back): the node program
  * set's (tp_node) and each namespace's (tp_ns_meta, keyed by its registration name). */
-#define TP_META_SIZE 16380
+#define TP_META_SIZE 8188
 #define TP_NAME_MAX 64
 struct tp_meta {
 	__u32 len;

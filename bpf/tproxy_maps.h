@@ -99,7 +99,7 @@ BPF_TABLE_PINNED("percpu_hash", u64, struct tp_ns_counters, tp_counters, TP_MAX_
 BPF_TABLE_PINNED("array", u32, struct tp_meta, tp_node, 1, TP_PIN(tp_node));
 BPF_TABLE_PINNED("hash", struct tp_name, struct tp_meta, tp_ns_meta, TP_MAX_NS,
 		 TP_PIN(tp_ns_meta), BPF_F_NO_PREALLOC);
-/* Where learn_netns_cookie (sock_create.c) leaves what it learned. */
+/* Where learn_netns_cookie (learn_cookie.c) leaves what it learned. */
 BPF_TABLE_PINNED("array", u32, u64, tp_learned_cookie, 1, TP_PIN(tp_learned_cookie));
 
 #endif /* TPROXY_MAPS_H */

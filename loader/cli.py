@@ -346,6 +346,10 @@ def install(**kw):
                f"sockmap acceleration {p.get('acceleration', 'off')}")
 
 
+def _size(n):
+    return f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} B"
+
+
 @main.command()
 @click.option("--name", help="Only this namespace's registration.")
 @bpffs_option
@@ -425,9 +429,8 @@ def status(name, ebpf_bpffs_path, output):
                 click.echo(f"  accelerated sockets  {e.get('accelerated_sockets')}")
             mem = e.get("map_memory_bytes") or {}
             if mem:
-                click.echo(f"  map memory    ~{sum(mem.values()) // 1024} KiB (estimated; "
-                           + ", ".join(f"{k} {v // 1024 or v}" + ("" if v >= 1024 else " B")
-                                       for k, v in mem.items() if v) + ")")
+                click.echo(f"  map memory    ~{_size(sum(mem.values()))} (estimated; "
+                           + ", ".join(f"{k} {_size(v)}" for k, v in mem.items() if v) + ")")
             counters = {k: v for k, v in (e.get("counters") or {}).items() if v}
             click.echo("  counters      " + (", ".join(f"{k}={v}" for k, v in counters.items())
                                              or "all zero"))

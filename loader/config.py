@@ -585,7 +585,7 @@ def settings_from(values, name="default", environ=None):
     """Validate merged values into Settings. Host facts (cgroup2, bpffs, instance IP) are
     checked later by the install step; this only needs the user database."""
     if not NAME_RE.match(name or ""):
-        raise ConfigError(f"--name: {name!r} is not a valid instance name; use lowercase "
+        raise ConfigError(f"--name: {name!r} is not a valid registration name; use lowercase "
                           "letters, digits, '.', '_' or '-' (at most 63)")
     for path, why in NOT_YET.items():
         if values[path] != LEAVES[path][0]:

@@ -160,7 +160,8 @@ def _install_locked(settings, cgroup_path, paths, loaded, added_lo, lo_problem, 
         fresh = existing is None
         if fresh:
             # Visible (and undone by uninstall) should this loader die from here on.
-            maps.write_meta(settings.name, dict(p, complete=False))
+            maps.write_meta(settings.name, {k: v for k, v in p.items() if k != "programs"}
+                            | {"complete": False})
         created, switch = [], None
         try:
             p["attached_at"], created = node.ensure_attached(paths, loaded, cgroup_path,
@@ -182,8 +183,11 @@ def _install_locked(settings, cgroup_path, paths, loaded, added_lo, lo_problem, 
             switch.flip()
             switch.clear_old()
             seams.hold("after-flip")
+            # The program list is the node set's (status shows it once), not stored per
+            # namespace: the description's fixed-size slot is most of a namespace's memory.
+            kept = {k: v for k, v in p.items() if k != "programs"}
             maps.write_meta(settings.name, dict(
-                p, complete=True, installed_at=int(time.time()),
+                kept, complete=True, installed_at=int(time.time()),
                 node={"digest": loaded.meta.get("digest"),
                       "features": loaded.meta.get("features", [])}))
         except BaseException:
@@ -310,6 +314,9 @@ def uninstall(bpffs, name=None, everything=False):
         return []
     removed, metas = [], []
     with bpffs_lock(bpffs):
+        if node.read_meta(paths) is not None:
+            removed += [f"namespace {n!r} (its network namespace was gone)"
+                        for n in remove_stale(paths)]
         names = list_names(bpffs) if everything else [name]
         for n in names:
             removed += _remove_legacy(paths, n)

@@ -291,6 +291,33 @@ def attach_point_for(meta, cgroup_path):
     return None
 
 
+def _pinned_link_info(pin):
+    fd = bpfsys.obj_get(pin)
+    try:
+        return bpfsys.link_info(fd)
+    finally:
+        os.close(fd)
+
+
+def _still_linked(pin, target_id):
+    """Whether the pinned link is attached to target_id. A link whose target went away
+    (the cgroup was removed and made again, the namespace deleted) is unpinned."""
+    if not os.path.exists(pin):
+        return False
+    if _pinned_link_info(pin)["target_id"] == target_id:
+        return True
+    os.unlink(pin)
+    return False
+
+
+def _link_and_pin(prog_fd, target_fd, attach_type, pin):
+    link_fd = bpfsys.link_create(prog_fd, target_fd, attach_type)
+    try:
+        bpfsys.obj_pin(link_fd, pin)
+    finally:
+        os.close(link_fd)
+
+
 def ensure_attached(paths, loaded, cgroup_path, progress=None):
     """Attach the cgroup programs to cgroup_path unless a cgroup of the set covers it.
     Returns (the covering cgroup, [pins created] for a rollback)."""
@@ -315,20 +342,9 @@ def ensure_attached(paths, loaded, cgroup_path, progress=None):
     try:
         for prog in _cgroup_programs(loaded):
             pin = os.path.join(d, prog.name)
-            if os.path.exists(pin):
-                link_fd = bpfsys.obj_get(pin)
-                try:
-                    alive = bpfsys.link_info(link_fd)["target_id"] == cg_id
-                finally:
-                    os.close(link_fd)
-                if alive:
-                    continue
-                os.unlink(pin)   # the cgroup was removed and made again: detached
-            link_fd = bpfsys.link_create(loaded.fd(prog.name), cg_fd, prog.attach_type)
-            try:
-                bpfsys.obj_pin(link_fd, pin)
-            finally:
-                os.close(link_fd)
+            if _still_linked(pin, cg_id):
+                continue
+            _link_and_pin(loaded.fd(prog.name), cg_fd, prog.attach_type, pin)
             created.append(pin)
             _log(progress, f"attached {prog.hook} to {cgroup_path}")
             seams.after_link(prog.name)
@@ -349,25 +365,14 @@ def attach_netns(paths, loaded, name, netns_inode, progress=None):
     if "sk_lookup_inbound" not in loaded:
         return []
     pin = paths.netns_link(name)
-    if os.path.exists(pin):
-        fd = bpfsys.obj_get(pin)
-        try:
-            alive = bpfsys.link_info(fd)["target_id"] == netns_inode
-        finally:
-            os.close(fd)
-        if alive:
-            return []
-        os.unlink(pin)
+    if _still_linked(pin, netns_inode):
+        return []
     os.makedirs(os.path.dirname(pin), exist_ok=True)
     ns_fd = os.open("/proc/self/ns/net", os.O_RDONLY)
     try:
-        link_fd = bpfsys.link_create(loaded.fd("sk_lookup_inbound"), ns_fd, bpfsys.SK_LOOKUP)
+        _link_and_pin(loaded.fd("sk_lookup_inbound"), ns_fd, bpfsys.SK_LOOKUP, pin)
     finally:
         os.close(ns_fd)
-    try:
-        bpfsys.obj_pin(link_fd, pin)
-    finally:
-        os.close(link_fd)
     _log(progress, f"attached netns/sk_lookup to network namespace (inode {netns_inode})")
     try:
         seams.after_link("sk_lookup_inbound")
@@ -408,11 +413,7 @@ def link_infos(paths):
     for pin, _ in _all_links(paths):
         rel = os.path.relpath(pin, paths.node)
         try:
-            fd = bpfsys.obj_get(pin)
-            try:
-                out[rel] = bpfsys.link_info(fd)
-            finally:
-                os.close(fd)
+            out[rel] = _pinned_link_info(pin)
         except OSError as e:
             out[rel] = {"error": str(e)}
     return out

@@ -1,4 +1,4 @@
-"""Feature probes: load a tiny program for each hook the instance needs and see whether
+"""Feature probes: load a tiny program for each hook the node program set needs and see whether
 the verifier takes it. Nothing is attached; the programs and their maps go away with the
 BPF object."""
 from . import bpfsys
@@ -217,7 +217,7 @@ def probe_hooks(learn_cookie=True):
     results.append(("SO_NETNS_COOKIE", cookie != 0,
                     "supported" if cookie else "getsockopt(SO_NETNS_COOKIE) is not supported",
                     ()))
-    if learn_cookie:   # install learns it once itself (instance.install)
+    if learn_cookie:   # install learns it itself, with the node set's own program
         learned, how = learn_netns_cookie()
         results.append(("instance netns cookie", learned != 0, how, ()))
     return results
