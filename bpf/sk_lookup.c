@@ -17,16 +17,21 @@
  */
 #include "tproxy_inbound.h"
 
-/* A live listener of the family on the inbound port, or NULL. Any member of a
- * SO_REUSEPORT group will do: the kernel applies the group's own selection to the socket
- * assigned (sk_assign without BPF_SK_LOOKUP_F_NO_REUSEPORT), so connections spread over
- * every worker's listener as they would without us. A listener registered for another
- * inbound port (before an upgrade changed it) is not the proxy's listener any more. */
-static __always_inline struct bpf_sock *tp_listener_for(const struct tp_config *cfg,
-							 u32 family, u16 port)
+/* Hand the connection to a live listener of the family in the namespace's row, on the
+ * inbound port. Returns 0 once one took it. Any member of a SO_REUSEPORT group will do: the
+ * kernel applies the group's own selection to the socket assigned (sk_assign without
+ * BPF_SK_LOOKUP_F_NO_REUSEPORT), so connections spread over every worker's listener as
+ * they would without us. A listener registered for another inbound port (before an upgrade
+ * changed it) is not the proxy's listener any more.
+ * Each slot's socket is assigned and released inside its own iteration: no reference
+ * outlives an iteration, so the verifier's states at every slot are alike and prune (5.10
+ * gave up at a million instructions when the socket found was carried out of the loop). */
+static __always_inline long tp_assign_listener(struct bpf_sk_lookup *ctx,
+					       const struct tp_config *cfg, u32 family, u16 port)
 {
-	struct bpf_sock *sk;
 	u32 i, key, base = (cfg->ns_index * 2 + family) * TP_LISTENER_SLOTS;
+	struct bpf_sock *sk;
+	long err = -1;
 
 #pragma unroll
 	for (i = 0; i < TP_LISTENER_SLOTS; i++) {
@@ -35,17 +40,18 @@ static __always_inline struct bpf_sock *tp_listener_for(const struct tp_config *
 		if (!sk)
 			continue;
 		if (sk->src_port == port)
-			return sk;
+			err = bpf_sk_assign(ctx, sk, 0);
 		bpf_sk_release(sk);
+		if (!err)
+			break;
 	}
-	return NULL;
+	return err;
 }
 
 int sk_lookup_inbound(struct bpf_sk_lookup *ctx)
 {
 	struct tp_addr_key local = {};
 	struct tp_config *cfg;
-	struct bpf_sock *sk;
 	u32 reason = 0;
 	u8 remote[16];
 	u64 *netns;
@@ -69,20 +75,15 @@ int sk_lookup_inbound(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 	}
 	/* An AF_INET6 listener that is not V6ONLY takes IPv4 too (Envoy's [::]:15006). */
-	sk = tp_listener_for(cfg, ctx->family == TP_AF_INET ? TP_LISTENER_V4 : TP_LISTENER_V6,
-			     cfg->inbound_port);
-	if (!sk && ctx->family == TP_AF_INET)
-		sk = tp_listener_for(cfg, TP_LISTENER_V6, cfg->inbound_port);
-	if (!sk) {
+	err = tp_assign_listener(ctx, cfg, ctx->family == TP_AF_INET ? TP_LISTENER_V4 :
+								  TP_LISTENER_V6,
+				 cfg->inbound_port);
+	if (err && ctx->family == TP_AF_INET)
+		err = tp_assign_listener(ctx, cfg, TP_LISTENER_V6, cfg->inbound_port);
+	if (err) {
 		/* No proxy: refuse (SK_DROP ends the lookup with no socket, so the client
 		 * gets a RST), as iptables' REDIRECT to a closed port would. Never deliver the
 		 * connection around the proxy. */
-		tp_count(cfg->netns_cookie, TP_R_IN_NO_LISTENER);
-		return SK_DROP;
-	}
-	err = bpf_sk_assign(ctx, sk, 0);
-	bpf_sk_release(sk);
-	if (err) {
 		tp_count(cfg->netns_cookie, TP_R_IN_NO_LISTENER);
 		return SK_DROP;
 	}

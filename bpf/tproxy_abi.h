@@ -266,4 +266,11 @@ struct tp_name {
 	char name[TP_NAME_MAX];  /* NUL-padded */
 };
 
+/* A cgroup the node set is attached to: its path, by cgroup id (tp_attach). */
+#define TP_MAX_ATTACH 4096
+#define TP_PATH_MAX 4096
+struct tp_path {
+	char path[TP_PATH_MAX];  /* NUL-padded */
+};
+
 #endif /* TPROXY_ABI_H */

@@ -99,6 +99,10 @@ BPF_TABLE_PINNED("percpu_hash", u64, struct tp_ns_counters, tp_counters, TP_MAX_
 BPF_TABLE_PINNED("array", u32, struct tp_meta, tp_node, 1, TP_PIN(tp_node));
 BPF_TABLE_PINNED("hash", struct tp_name, struct tp_meta, tp_ns_meta, TP_MAX_NS,
 		 TP_PIN(tp_ns_meta), BPF_F_NO_PREALLOC);
+/* The cgroups the node set is attached to, by cgroup id: read by the loader only (which
+ * cgroup covers which, status). */
+BPF_TABLE_PINNED("hash", u64, struct tp_path, tp_attach, TP_MAX_ATTACH, TP_PIN(tp_attach),
+		 BPF_F_NO_PREALLOC);
 /* Where learn_netns_cookie (learn_cookie.c) leaves what it learned. */
 BPF_TABLE_PINNED("array", u32, u64, tp_learned_cookie, 1, TP_PIN(tp_learned_cookie));
 

@@ -100,6 +100,8 @@ TP_A_COUNT = len(ACCEL_COUNTERS)
 
 TP_META_SIZE = 8188
 TP_NAME_MAX = 64
+TP_MAX_ATTACH = 4096
+TP_PATH_MAX = 4096
 
 
 class TpConfig(ct.Structure):
@@ -210,6 +212,10 @@ class TpName(ct.Structure):
     _fields_ = [("name", ct.c_char * TP_NAME_MAX)]
 
 
+class TpPath(ct.Structure):
+    _fields_ = [("path", ct.c_char * TP_PATH_MAX)]
+
+
 # Which ctypes twin stands for which C struct (checked by the layout test).
 STRUCTS = {
     "tp_config": TpConfig,
@@ -228,6 +234,7 @@ STRUCTS = {
     "tp_ns_counters": TpNsCounters,
     "tp_meta": TpMeta,
     "tp_name": TpName,
+    "tp_path": TpPath,
 }
 
 

@@ -273,14 +273,16 @@ def check(ebpf_cgroup_path, ebpf_bpffs_path, output):
 @main.command()
 @with_options(KUMA_OPTIONS)
 def install(**kw):
-    """Capture the cgroup's traffic for the proxy (or update in place).
+    """Register this network namespace for capture (or update it in place).
 
-    Outbound TCP connections of processes in --ebpf-cgroup-path land on the proxy's
-    outbound port, TCP connections from other hosts on its inbound port, and (with
-    --redirect-dns) DNS queries on the DNS port, exactly as Kuma's iptables rules would
-    send them; the proxy's getsockopt(SO_ORIGINAL_DST) returns the original destination.
-    Running install again with another configuration (or a newer ebpf-tproxy) compiles
-    the programs again and swaps them in place; no connection is left uncaptured.
+    Outbound TCP connections of the namespace's processes in --ebpf-cgroup-path land on
+    the proxy's outbound port, TCP connections from other hosts on its inbound port, and
+    (with --redirect-dns) DNS queries on the DNS port, exactly as Kuma's iptables rules
+    would send them; the proxy's getsockopt(SO_ORIGINAL_DST) returns the original
+    destination. The first install on a bpffs builds the node program set (BCC); every
+    later one, for any namespace or configuration, only writes map entries (a newer
+    ebpf-tproxy builds once more and swaps the programs in place); no connection is left
+    uncaptured.
 
     \b
     Example:
@@ -434,6 +436,8 @@ def status(name, ebpf_bpffs_path, output):
             counters = {k: v for k, v in (e.get("counters") or {}).items() if v}
             click.echo("  counters      " + (", ".join(f"{k}={v}" for k, v in counters.items())
                                              or "all zero"))
+            for note in e.get("notes", []):
+                click.echo(f"  note: {note}")
             for prob in e["problems"]:
                 click.echo(f"  PROBLEM: {prob}")
 
@@ -452,12 +456,17 @@ def uninstall(name, all_, ebpf_bpffs_path):
       ebpf-tproxy uninstall --name pod1
       ebpf-tproxy uninstall --all
     """
-    names = lifecycle.list_names(ebpf_bpffs_path) if all_ else [name]
-    removed = lifecycle.uninstall(ebpf_bpffs_path, name, everything=all_)
-    for n in names:
-        click.echo(f"uninstalled {n!r}" + (f": removed {len(removed)} objects" if removed
-                                           else "") if removed
-                   else f"nothing to uninstall for {n!r}")
+    try:
+        names = lifecycle.list_names(ebpf_bpffs_path) if all_ else [name]
+        removed = lifecycle.uninstall(ebpf_bpffs_path, None if all_ else name,
+                                      everything=all_)
+    except ConfigError as e:
+        fail(str(e))
+    except node.InstallError as e:
+        fail(str(e), EXIT_FAILED)
+    which = ", ".join(repr(n) for n in names) or "everything"
+    click.echo(f"uninstalled {which}: removed {len(removed)} objects" if removed
+               else f"nothing to uninstall for {which}")
 
 
 @main.command()

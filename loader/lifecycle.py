@@ -22,7 +22,7 @@ import shutil
 import time
 
 from . import kernel, listeners, namespace, netinfo, node, probe, seams
-from .config import Settings
+from .config import NAME_RE, ConfigError, Settings
 from .node import InstallError, NodePaths
 
 MOUNT_MARKER_DIR = "/run/ebpf-tproxy"
@@ -78,6 +78,10 @@ def install(settings: Settings, cgroup_path, progress=None):
                     "each namespace again; connections in flight lose their SO_ORIGINAL_DST "
                     "answer")
             fresh_node = node.read_meta(paths) is None
+            if not fresh_node:
+                # Before the set is loaded: what it decides (attach points, coverage) must
+                # not rest on registrations that are gone.
+                remove_stale(paths, progress)
             try:
                 loaded = node.ensure_loaded(paths, progress)
             except BaseException:
@@ -85,7 +89,6 @@ def install(settings: Settings, cgroup_path, progress=None):
                     node.remove(paths)
                 raise
             try:
-                remove_stale(paths, progress)
                 # Kuma adds ::6/128 to lo for Envoy's IPv6 passthrough source (rule 4c); so
                 # do we, and uninstall removes it only if it was ours.
                 lo_problem = None
@@ -157,84 +160,84 @@ def _install_locked(settings, cgroup_path, paths, loaded, added_lo, lo_problem, 
         if settings.inbound_enabled and "sk_lookup_inbound" not in loaded:
             prog = next(pr for pr in node.programs.PROGRAMS if pr.name == "sk_lookup_inbound")
             raise InstallError(f"the kernel refused {prog.hook}: {prog.missing_means}")
+        # Every refusal before anything is written (a refused install leaves no trace).
+        p["ns_index"] = namespace.check(maps, settings, p)
         fresh = existing is None
         if fresh:
             # Visible (and undone by uninstall) should this loader die from here on.
-            maps.write_meta(settings.name, {k: v for k, v in p.items() if k != "programs"}
-                            | {"complete": False})
+            maps.write_meta(settings.name, _described(p, complete=False))
         created, switch = [], None
         try:
             p["attached_at"], created = node.ensure_attached(paths, loaded, cgroup_path,
                                                              progress)
-            if settings.inbound_enabled:
-                created += node.attach_netns(paths, loaded, settings.name, p["netns_inode"],
-                                             progress)
-            elif existing:
-                node.detach_netns(paths, settings.name)
+            # Every namespace gets its sk_lookup link where the kernel has sk_lookup, inbound
+            # capture or not: it is also the exact witness of the namespace's life (the
+            # kernel zeroes its target when the namespace is destroyed). Without inbound
+            # capture it finds none of the namespace's addresses and passes.
+            created += node.attach_netns(paths, loaded, settings.name, p["netns_inode"],
+                                         progress)
             switch = namespace.register(maps, settings, p, progress)
             # Before the switch: from the moment capture is on, a proxy already listening
-            # must be there (inbound) and known as this namespace's (both ports).
+            # must be there (inbound) and known as this namespace's (both ports)...
             lines, problems = listeners.register_existing(
                 paths, p["ns_index"], cookie, settings, cgroup_path)
-            for line in lines:
-                _log(progress, line)
-            p.setdefault("warnings", []).extend(problems)
             seams.hold("before-flip")
             switch.flip()
+            # ... and one that bound or listened in the meantime, when bind4/6 and sock_ops
+            # did not know the namespace yet, too (it keeps what is already there).
+            more, problems = listeners.register_existing(
+                paths, p["ns_index"], cookie, settings, cgroup_path)
+            for line in dict.fromkeys(lines + more):
+                _log(progress, line)
+            p.setdefault("warnings", []).extend(problems)
             switch.clear_old()
             seams.hold("after-flip")
-            # The program list is the node set's (status shows it once), not stored per
-            # namespace: the description's fixed-size slot is most of a namespace's memory.
-            kept = {k: v for k, v in p.items() if k != "programs"}
-            maps.write_meta(settings.name, dict(
-                kept, complete=True, installed_at=int(time.time()),
+            maps.write_meta(settings.name, _described(
+                p, complete=True, installed_at=int(time.time()),
                 node={"digest": loaded.meta.get("digest"),
                       "features": loaded.meta.get("features", [])}))
         except BaseException:
+            if switch is not None and not switch.flipped:
+                switch.undo()
             if fresh:
                 _log(progress, "install failed: rolling back")
-                namespace.unregister(maps, settings.name)
                 node.detach(created)
+                namespace.unregister(maps, settings.name)
+                node.detach_netns(paths, settings.name)
                 detach_unused_cgroups(paths, maps)
-            elif switch is not None and not switch.flipped:
-                switch.undo()
             raise
     return p
 
 
+def _described(p, **more):
+    """The namespace's description as stored: the program list is the node set's (status
+    shows it once), not kept per namespace, whose fixed-size slot is most of its memory."""
+    return dict({k: v for k, v in p.items() if k != "programs"}, **more)
+
+
 def detach_unused_cgroups(paths, maps):
-    """Detach the cgroup links no registered namespace is attached through."""
-    meta = node.read_meta(paths)
-    if not meta:
-        return []
+    """Detach the attach points no registered namespace is attached through."""
     used = {m.get("attached_at") or m.get("cgroup") for m in maps.registrations().values()}
     removed = []
-    for cg_id, path in list(meta.get("cgroups", {}).items()):
-        if path in used:
-            continue
-        d = paths.cgroup_links(cg_id)
-        if os.path.isdir(d):
-            pins = [os.path.join(d, n) for n in sorted(os.listdir(d))]
-            node.detach(pins)
-            removed += [f"link cgroups/{cg_id}/{os.path.basename(x)}" for x in pins]
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
-        del meta["cgroups"][cg_id]
-        node.write_meta(paths, meta)
+    for cg_id, path in node.attach_points(paths).items():
+        if path not in used:
+            removed += node.remove_attach_point(paths, cg_id)
     return removed
 
 
 def remove_stale(paths, progress=None):
-    """Namespaces deleted without uninstall: their entries and links go. Returns names."""
+    """Namespaces deleted without uninstall: their entries and links go. Returns names.
+    Only exact evidence counts: the kernel zeroed the target of the namespace's sk_lookup
+    link (it does when the namespace is destroyed). A registration without that link (a
+    kernel before 5.9) is never judged gone; status says it cannot tell."""
     if node.read_meta(paths) is None:
         return []
     gone = []
     links = node.link_infos(paths)
-    live = namespace.live_netns_inodes()
     with namespace.NodeMaps(paths) as maps:
         for name, meta in maps.registrations().items():
             info = links.get(os.path.join("netns", name, "sk_lookup_inbound"))
-            if namespace.netns_alive(meta, info, live):
+            if info is None or info.get("target_id") != 0:
                 continue
             namespace.unregister(maps, name)
             node.detach_netns(paths, name)
@@ -251,7 +254,8 @@ def _remove_legacy(paths, name):
     """An instance of the earlier layout (<root>/<name>/{maps-v*,links}): detach its links,
     remove its pins."""
     d = os.path.join(paths.root, name)
-    if name == node.NODE_DIR or not os.path.isdir(d):
+    if name == node.NODE_DIR or not NAME_RE.match(name) or not os.path.isdir(d) or \
+            os.path.dirname(os.path.realpath(d)) != os.path.realpath(paths.root):
         return []
     links = os.path.join(d, "links")
     pins = [os.path.join(links, n) for n in sorted(os.listdir(links))] \
@@ -310,10 +314,18 @@ def uninstall(bpffs, name=None, everything=False):
     """Remove one namespace (name) or everything. The node program set goes with the last
     namespace. Returns what was removed (empty if there was nothing)."""
     paths = NodePaths(bpffs)
+    if name is not None and not NAME_RE.match(name):
+        raise ConfigError(f"--name: {name!r} is not a valid registration name; use lowercase "
+                          "letters, digits, '.', '_' or '-' (at most 63)")
     if not kernel.is_bpffs(bpffs):
         return []
     removed, metas = [], []
     with bpffs_lock(bpffs):
+        other = paths.other_layouts()
+        if other and not everything:
+            raise InstallError(f"the node program set in {paths.node} has another map layout "
+                               f"({', '.join(other)}): this version cannot remove one of its "
+                               "namespaces; use that version's uninstall, or uninstall --all")
         if node.read_meta(paths) is not None:
             removed += [f"namespace {n!r} (its network namespace was gone)"
                         for n in remove_stale(paths)]
@@ -324,7 +336,9 @@ def uninstall(bpffs, name=None, everything=False):
             try:
                 maps = namespace.NodeMaps(paths)
             except OSError:
-                maps = None   # a node set whose build was killed: nothing registered
+                # Another layout's (only with --all, above), or a build killed before its
+                # maps were all made: nothing of it can be registered.
+                maps = None
             if maps is not None:
                 with maps:
                     for n in names:

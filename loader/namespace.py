@@ -309,9 +309,10 @@ def _addresses_taken(maps, cookie, addrs):
     return out
 
 
-def register(maps, settings: Settings, p, progress=None):
-    """Write (or rewrite) one namespace's entries and switch it to them at once. p is the
-    plan (namespace.plan) with its netns_cookie; it gets ns_index and generation."""
+def check(maps, settings: Settings, p):
+    """Refuse what register could not do, before anything is written: this namespace under
+    another name, this name for another namespace, an address another namespace has.
+    Returns the namespace's row (ns_index): its own if registered, else the first free."""
     cookie = p["netns_cookie"]
     regs = maps.registrations()
     mine = regs.get(settings.name)
@@ -323,9 +324,6 @@ def register(maps, settings: Settings, p, progress=None):
         raise InstallError(f"{settings.name!r} is registered for another network namespace "
                            f"(inode {mine.get('netns_inode')}); uninstall it first or choose "
                            "another --name")
-    ns_index = (mine or {}).get("ns_index")
-    if ns_index is None:
-        ns_index = _free_index(regs)
     addrs = p["ns_addresses"] if settings.inbound_enabled else []
     taken = _addresses_taken(maps, cookie, addrs)
     if taken:
@@ -333,6 +331,28 @@ def register(maps, settings: Settings, p, progress=None):
                            "namespace; inbound capture finds a namespace by the address a "
                            "connection arrives at, so each needs its own (or install with "
                            "--redirect-inbound=false)")
+    ns_index = (mine or {}).get("ns_index")
+    return ns_index if ns_index is not None else _free_index(regs)
+
+
+def _addresses_of(maps, cookie):
+    """The addresses tp_ns_addrs holds for the namespace (exact, unlike its description,
+    which shortens long lists)."""
+    out = set()
+    for k in maps.ns_addrs.keys():
+        v = maps.ns_addrs.lookup(k)
+        if v is not None and v.value == cookie:
+            out.add(str(abi.addr_from16(k.addr)))
+    return out
+
+
+def register(maps, settings: Settings, p, progress=None):
+    """Write (or rewrite) one namespace's entries of the inactive generation; the returned
+    switch makes them the namespace's configuration at once. p is the plan
+    (namespace.plan) with its netns_cookie and ns_index (from check)."""
+    cookie, ns_index = p["netns_cookie"], p["ns_index"]
+    addrs = p["ns_addresses"] if settings.inbound_enabled else []
+    old_addrs = _addresses_of(maps, cookie)
     current = maps.config(cookie)
     old = current.gen if current is not None else None
     new = (old ^ 1) if old is not None else 0
@@ -342,11 +362,10 @@ def register(maps, settings: Settings, p, progress=None):
     maps.ensure_counters(cookie)
     for ip in addrs:
         maps.ns_addrs.update(abi.TpAddrKey(abi.addr16(ip)), ct.c_uint64(cookie))
-    p["ns_index"] = ns_index
     p["generation"] = new
     p["registered_addresses"] = list(addrs)
     return _Switch(maps, cookie, old, new, _config_struct(settings, p, new, ns_index),
-                   set(addrs), set((mine or {}).get("registered_addresses", [])))
+                   set(addrs), old_addrs)
 
 
 class _Switch:
@@ -376,8 +395,11 @@ class _Switch:
                 self.maps.ns_addrs.delete(key)
 
     def undo(self):
-        """A failure before flip(): drop what was written for the new generation."""
+        """A failure before flip(): drop what was written for the new generation, and the
+        addresses that were not the namespace's before."""
         self.maps.clear_gen(self.cookie, self.new)
+        for ip in self.addrs - self.old_addrs:
+            self.maps.ns_addrs.delete(abi.TpAddrKey(abi.addr16(ip)))
 
 
 def unregister(maps, name):
@@ -387,6 +409,12 @@ def unregister(maps, name):
         return []
     cookie = m["netns_cookie"]
     removed = [f"namespace {name!r} (cookie {cookie})"]
+    if any(o != name and om.get("netns_cookie") == cookie
+           for o, om in maps.registrations().items()):
+        # Only a description left by an install that was refused or killed: the entries
+        # under this cookie are another registration's.
+        maps.meta.delete(abi.name_key(name))
+        return removed
     # Its tp_ns entry first: from then on every program leaves the namespace alone.
     maps.ns.delete(ct.c_uint64(cookie))
     bpfsys.synchronize_rcu()
@@ -415,32 +443,6 @@ def _clear_listener_row(pin, ns_index):
                 # An empty sockmap slot answers a delete with EINVAL, not ENOENT.
                 with contextlib.suppress(OSError):
                     sockmap.delete(ct.c_uint32(key))
-
-
-def live_netns_inodes():
-    """Inodes of every network namespace a process or a /run/netns name holds."""
-    out = set()
-    paths = [os.path.join("/run/netns", n) for n in os.listdir("/run/netns")] \
-        if os.path.isdir("/run/netns") else []
-    paths += [f"/proc/{pid}/ns/net" for pid in os.listdir("/proc") if pid.isdigit()]
-    for path in paths:
-        try:
-            out.add(os.stat(path).st_ino)
-        except OSError:
-            continue
-    return out
-
-
-def netns_alive(meta, link_info=None, live=None):
-    """False once the namespace is gone: its sk_lookup link lost its target, or (without
-    one) no process and no /run/netns name holds a namespace of its inode. (An inode can be
-    reused by a later namespace; the link's answer is exact.)"""
-    if link_info is not None and "target_id" in link_info:
-        return link_info["target_id"] != 0
-    inode = meta.get("netns_inode")
-    if inode is None:
-        return True
-    return inode in (live if live is not None else live_netns_inodes())
 
 
 def _netns_path(inode):

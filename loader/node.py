@@ -42,15 +42,24 @@ class NodePaths:
         self.root = os.path.join(bpffs, ROOT_DIR)
         self.node = os.path.join(self.root, NODE_DIR)
         self.maps = os.path.join(self.node, f"maps-v{abi.TP_ABI_VERSION}")
-        self.progs = os.path.join(self.node, f"progs-v{abi.TP_ABI_VERSION}")
         self.cgroups = os.path.join(self.node, "cgroups")
         self.netns = os.path.join(self.node, "netns")
 
     def map(self, name):
         return os.path.join(self.maps, name)
 
-    def prog(self, name):
-        return os.path.join(self.progs, name)
+    def progs(self, digest):
+        """The pinned programs of one build: a directory per digest, so that a failed
+        upgrade never leaves a mix of two builds' programs pinned."""
+        return os.path.join(self.node, f"progs-v{abi.TP_ABI_VERSION}-{digest}")
+
+    def prog(self, digest, name):
+        return os.path.join(self.progs(digest), name)
+
+    def prog_dirs(self):
+        if not os.path.isdir(self.node):
+            return []
+        return sorted(e for e in os.listdir(self.node) if e.startswith("progs-v"))
 
     def cgroup_links(self, cgroup_id):
         return os.path.join(self.cgroups, str(cgroup_id))
@@ -128,7 +137,7 @@ def _pinned_current(paths, meta):
     fds = {}
     try:
         for name in meta.get("programs", []):
-            fds[name] = bpfsys.obj_get(paths.prog(name))
+            fds[name] = bpfsys.obj_get(paths.prog(meta["digest"], name))
     except OSError:
         for fd in fds.values():
             os.close(fd)
@@ -149,13 +158,13 @@ def ensure_loaded(paths, progress=None):
 
 def _build(paths, old_meta, progress):
     os.makedirs(paths.maps, exist_ok=True)
-    os.makedirs(paths.progs, exist_ok=True)
     _log(progress, "probing kernel features")
     try:
         features = list(probe.build_features(probe.probe_hooks(learn_cookie=False)))
     except Exception as e:
         raise InstallError(f"BCC could not build the feature probes ({str(e).splitlines()[0]})"
                            "; run 'make setup' and 'ebpf-tproxy check'") from None
+    digest = programs.digest(features)
     _log(progress, "compiling the node program set (BCC)"
          + (f" with {', '.join(features)}" if features else ""))
     try:
@@ -165,10 +174,14 @@ def _build(paths, old_meta, progress):
                            "run 'make setup' (kernel headers, python3-bpfcc) and "
                            "'ebpf-tproxy check'") from None
     fds, missing = {}, {}
+    new_dir = paths.progs(digest)
     try:
         for prog in programs.PROGRAMS:
             try:
-                fds[prog.name] = os.dup(programs.load(bpf, prog))
+                # libbcc writes a refused program's verifier log to fd 2; the refusal is
+                # said in one line below (check shows the probes' details).
+                with programs.fd2_captured():
+                    fds[prog.name] = os.dup(programs.load(bpf, prog))
             except Exception as e:
                 if prog.required:
                     raise InstallError(f"the kernel refused {prog.hook} "
@@ -177,26 +190,26 @@ def _build(paths, old_meta, progress):
                 _log(progress, f"warning: {prog.hook} unavailable, so {prog.missing_means}")
         swapped = _swap_links(paths, fds, progress)
         try:
+            shutil.rmtree(new_dir, ignore_errors=True)   # a failed attempt's
+            os.makedirs(new_dir)
             for name, fd in fds.items():
-                pin = paths.prog(name)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(pin)
-                bpfsys.obj_pin(fd, pin)
-            if "sk_msg_accel" in fds:
-                # Replaces the map's previous program; it only runs for sockets that
-                # sock_ops adds, which it does only for namespaces with TP_F_ACCELERATE.
-                accel = bpfsys.obj_get(paths.map("tp_accel"))
-                try:
-                    bpfsys.prog_attach(fds["sk_msg_accel"], accel, bpfsys.SK_MSG_VERDICT)
-                finally:
-                    os.close(accel)
+                bpfsys.obj_pin(fd, os.path.join(new_dir, name))
+            _attach_accel(paths, fds)
             meta = dict(old_meta or {}, version=__version__, abi=abi.TP_ABI_VERSION,
-                        digest=programs.digest(features), features=features,
-                        programs=sorted(fds), unavailable=missing, built_at=int(time.time()))
-            meta.setdefault("cgroups", {})
-            write_meta(paths, meta)
+                        digest=digest, features=features, programs=sorted(fds),
+                        unavailable=missing, built_at=int(time.time()))
+            meta.pop("cgroups", None)
+            write_meta(paths, meta)   # the commit point: from here the new set is the set
         except BaseException:
             _restore(swapped, progress)
+            if old_meta and "sk_msg_accel" in old_meta.get("programs", []):
+                with contextlib.suppress(OSError):
+                    old = bpfsys.obj_get(paths.prog(old_meta["digest"], "sk_msg_accel"))
+                    try:
+                        _attach_accel(paths, {"sk_msg_accel": old})
+                    finally:
+                        os.close(old)
+            shutil.rmtree(new_dir, ignore_errors=True)
             raise
         finally:
             for _, old_fd in swapped:
@@ -207,8 +220,25 @@ def _build(paths, old_meta, progress):
         raise
     finally:
         bpf.cleanup()
-    _log(progress, f"node program set {meta['digest']} loaded and pinned")
-    return Loaded(fds, meta, built=True)
+    for d in paths.prog_dirs():   # the previous build's pins: its links now run ours
+        if d != os.path.basename(new_dir):
+            shutil.rmtree(os.path.join(paths.node, d), ignore_errors=True)
+    loaded = Loaded(fds, meta, built=True)
+    _attach_everywhere(paths, loaded, progress)
+    _log(progress, f"node program set {digest} loaded and pinned")
+    return loaded
+
+
+def _attach_accel(paths, fds):
+    """Attach sk_msg_accel to tp_accel, replacing the map's previous program; it only runs
+    for sockets that sock_ops adds, which it does only for namespaces with TP_F_ACCELERATE."""
+    if "sk_msg_accel" not in fds:
+        return
+    accel = bpfsys.obj_get(paths.map("tp_accel"))
+    try:
+        bpfsys.prog_attach(fds["sk_msg_accel"], accel, bpfsys.SK_MSG_VERDICT)
+    finally:
+        os.close(accel)
 
 
 def _all_links(paths):
@@ -273,17 +303,79 @@ def _cgroup_programs(loaded):
     return [p for p in programs.PROGRAMS if p.target == "cgroup" and p.name in loaded]
 
 
-def _within(path, top):
-    return path == top or path.startswith(top.rstrip("/") + "/")
+# ------------------------------------------------------------------ attach points
+
+def attach_points(paths):
+    """{cgroup id: path} of every cgroup the node set is attached to (tp_attach)."""
+    try:
+        m = bpfsys.PinnedMap(paths.map("tp_attach"), ct.c_uint64, abi.TpPath,
+                             max_entries=abi.TP_MAX_ATTACH)
+    except OSError:
+        return {}
+    with m:
+        out = {}
+        for k in m.keys():
+            v = m.lookup(k)
+            if v is not None:
+                out[k.value] = v.path.decode()
+        return out
 
 
-def attach_point_for(meta, cgroup_path):
-    """The cgroup of the node set that covers cgroup_path (itself or an ancestor), or None.
-    Raises if cgroup_path contains one: the programs would run twice for its sockets."""
-    for path in (meta or {}).get("cgroups", {}).values():
-        if _within(cgroup_path, path):
-            return path
-        if _within(path, cgroup_path):
+def _record_attach_point(paths, cg_id, path):
+    with bpfsys.PinnedMap(paths.map("tp_attach"), ct.c_uint64, abi.TpPath) as m:
+        if path is None:
+            m.delete(ct.c_uint64(cg_id))
+        else:
+            m.update(ct.c_uint64(cg_id), abi.TpPath(path.encode()))
+
+
+def remove_attach_point(paths, cg_id):
+    """Detach and unpin one attach point's links. Returns what was removed."""
+    d = paths.cgroup_links(cg_id)
+    pins = [os.path.join(d, n) for n in sorted(os.listdir(d))] if os.path.isdir(d) else []
+    detach(pins)
+    with contextlib.suppress(OSError):
+        os.rmdir(d)
+    _record_attach_point(paths, cg_id, None)
+    return [f"link cgroups/{cg_id}/{os.path.basename(x)}" for x in pins]
+
+
+def _ancestry(path):
+    """Cgroup ids (directory inodes) of path and each of its parents up to the cgroup2
+    mount: what tells containment whatever mount path names the cgroup."""
+    from . import kernel
+    top = kernel.cgroup2_mount() or "/"
+    out, path = [], os.path.abspath(path)
+    while True:
+        try:
+            out.append(os.stat(path).st_ino)
+        except OSError:
+            break
+        if path == top or os.path.dirname(path) == path:
+            break
+        path = os.path.dirname(path)
+    return out
+
+
+def _alive(paths, cg_id):
+    """The attach point's links are attached (its cgroup was not removed)."""
+    d = paths.cgroup_links(cg_id)
+    names = sorted(os.listdir(d)) if os.path.isdir(d) else []
+    return bool(names) and _pinned_link_info(os.path.join(d, names[0]))["target_id"] == cg_id
+
+
+def attach_point_for(paths, cgroup_path):
+    """(id, path) of the live attach point covering cgroup_path (itself or an ancestor), or
+    None. An attach point whose cgroup is gone is removed on the way. Raises if cgroup_path
+    contains one: the programs would run twice for its sockets."""
+    mine = _ancestry(cgroup_path)
+    for cid, path in attach_points(paths).items():
+        if not _alive(paths, cid):
+            remove_attach_point(paths, cid)
+            continue
+        if cid in mine:
+            return cid, path
+        if mine and mine[0] in _ancestry(path):
             raise InstallError(f"the node program set is attached to {path}, inside "
                                f"{cgroup_path}; attaching it to both would run it twice for "
                                f"the same sockets: install with --ebpf-cgroup-path {path}, or "
@@ -318,24 +410,10 @@ def _link_and_pin(prog_fd, target_fd, attach_type, pin):
         os.close(link_fd)
 
 
-def ensure_attached(paths, loaded, cgroup_path, progress=None):
-    """Attach the cgroup programs to cgroup_path unless a cgroup of the set covers it.
-    Returns (the covering cgroup, [pins created] for a rollback)."""
-    meta = loaded.meta
-    covering = attach_point_for(meta, cgroup_path)
-    cg_id = os.stat(cgroup_path).st_ino
-    if covering is not None and covering != cgroup_path:
-        return covering, []
+def _link_missing(paths, loaded, cg_id, cgroup_path, progress):
+    """Link every cgroup program not yet linked at the attach point. Returns the pins made
+    (detached again if one fails)."""
     created = []
-    for cid, path in list((meta.get("cgroups") or {}).items()):
-        if path == cgroup_path and cid != str(cg_id):
-            # The cgroup was removed and made again: its old links are detached for good.
-            old = paths.cgroup_links(cid)
-            if os.path.isdir(old):
-                detach([os.path.join(old, n) for n in os.listdir(old)])
-                shutil.rmtree(old, ignore_errors=True)
-            del meta["cgroups"][cid]
-            covering = None
     d = paths.cgroup_links(cg_id)
     os.makedirs(d, exist_ok=True)
     cg_fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
@@ -353,9 +431,30 @@ def ensure_attached(paths, loaded, cgroup_path, progress=None):
         raise
     finally:
         os.close(cg_fd)
-    if covering is None:
-        meta.setdefault("cgroups", {})[str(cg_id)] = cgroup_path
-        write_meta(paths, meta)
+    return created
+
+
+def _attach_everywhere(paths, loaded, progress):
+    """After a build: a program the new set has and the old one had not is linked at every
+    attach point too."""
+    for cid, path in attach_points(paths).items():
+        if os.path.isdir(path) and os.stat(path).st_ino == cid:
+            _link_missing(paths, loaded, cid, path, progress)
+
+
+def ensure_attached(paths, loaded, cgroup_path, progress=None):
+    """Attach the cgroup programs to cgroup_path unless a live attach point covers it.
+    Returns (the covering cgroup's path, [pins created] for a rollback)."""
+    covering = attach_point_for(paths, cgroup_path)
+    cg_id = os.stat(cgroup_path).st_ino
+    if covering is not None and covering[0] != cg_id:
+        return covering[1], []
+    created = _link_missing(paths, loaded, cg_id, cgroup_path, progress)
+    try:
+        _record_attach_point(paths, cg_id, cgroup_path)
+    except BaseException:
+        detach(created)
+        raise
     return cgroup_path, created
 
 

@@ -43,7 +43,7 @@ def _node_summary(paths):
     return {"digest": meta.get("digest"), "version": meta.get("version"),
             "abi": meta.get("abi"), "features": meta.get("features", []),
             "programs": meta.get("programs", []), "unavailable": meta.get("unavailable", {}),
-            "cgroups": sorted((meta.get("cgroups") or {}).values()),
+            "cgroups": sorted(node.attach_points(paths).values()),
             "built_at": meta.get("built_at")}
 
 
@@ -61,6 +61,11 @@ def status(bpffs, name=None):
         out.append({"name": legacy, "problems": [
             "installed by an earlier version (a program set per instance): run "
             "'ebpf-tproxy uninstall --all', then install again"], "links": {}, "meta": None})
+    if paths.other_layouts():
+        out.append({"name": "(node)", "links": {}, "meta": None, "problems": [
+            f"the node program set has another map layout ({', '.join(paths.other_layouts())})"
+            ": its own version's status shows it; uninstall --all removes it"]})
+        return out
     if node.read_meta(paths) is None:
         if os.path.isdir(paths.node) and not name:
             out.append({"name": "(node)", "links": {}, "meta": None, "problems": [
@@ -71,12 +76,13 @@ def status(bpffs, name=None):
         stale = lifecycle.remove_stale(paths)
     summary = _node_summary(paths)
     links = node.link_infos(paths)
+    attach = node.attach_points(paths)
     with namespace.NodeMaps(paths) as maps:
         accel = _accel_keys(paths)
         for n, meta in maps.registrations().items():
             if name and n != name:
                 continue
-            out.append(_entry(paths, maps, n, meta, links, accel, summary))
+            out.append(_entry(paths, maps, n, meta, links, accel, summary, attach))
     for n in stale:
         if not name or n == name:
             out.append({"name": n, "links": {}, "meta": None, "removed": True,
@@ -93,7 +99,7 @@ def _accel_keys(paths):
         return []
 
 
-def _entry(paths, maps, n, meta, links, accel, summary):
+def _entry(paths, maps, n, meta, links, accel, summary, attach):
     cookie = meta["netns_cookie"]
     entry = {"name": n, "meta": meta, "problems": [], "node": summary}
     cfg = maps.config(cookie)
@@ -111,9 +117,9 @@ def _entry(paths, maps, n, meta, links, accel, summary):
     # The links this namespace depends on: its cgroup's and its own sk_lookup.
     at = meta.get("attached_at") or meta.get("cgroup")
     cg_id = None
-    for cid, path in ((node.read_meta(paths) or {}).get("cgroups") or {}).items():
+    for cid, path in attach.items():
         if path == at:
-            cg_id = cid
+            cg_id = str(cid)
     mine = {}
     for rel, info in links.items():
         parts = rel.split(os.sep)
@@ -132,11 +138,14 @@ def _entry(paths, maps, n, meta, links, accel, summary):
             kind = "network namespace" if ln == "sk_lookup_inbound" else "cgroup"
             entry["problems"].append(f"link {ln} is detached (its {kind} is gone); run "
                                      "install again")
+    if "sk_lookup_inbound" not in summary["programs"]:
+        entry["notes"] = ["no sk_lookup on this kernel: whether its network namespace still "
+                          "exists cannot be told, so a deleted one stays registered until "
+                          "uninstall --name"]
     if meta.get("complete", True):
         expected = {p for p in summary["programs"]
                     if p in {pr.name for pr in node.programs.PROGRAMS if pr.target == "cgroup"}}
-        if meta.get("config", {}).get("redirect", {}).get("inbound", {}).get("enabled"):
-            expected |= {"sk_lookup_inbound"} & set(summary["programs"])
+        expected |= {"sk_lookup_inbound"} & set(summary["programs"])
         for missing in sorted(expected - set(mine)):
             entry["problems"].append(f"link {missing} missing; run install again")
     return entry

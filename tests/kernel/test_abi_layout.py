@@ -23,6 +23,7 @@ VIA_MAPS = {
     "tp_ns_counters": ("tp_counters", "Leaf"),
     "tp_meta": ("tp_node", "Leaf"),
     "tp_name": ("tp_ns_meta", "Key"),
+    "tp_path": ("tp_attach", "Leaf"),
 }
 # Maps BCC has no table class for (a sockhash, sk_storage): decoded from the module's
 # description directly.

@@ -221,3 +221,29 @@ def test_a_node_set_of_another_map_layout_is_refused_not_silently_replaced(lab):
     assert r.returncode == 0, r.stderr
     assert cgroup_attachments(lab.cgroup) == [] and pins(lab.bpffs) == []
     assert wait_back_to(before) == {}
+
+
+def test_a_refused_install_leaves_the_namespace_registered_before_it_alone(lab):
+    """The same namespace under a second name is refused before anything is written: the
+    first registration keeps its configuration and keeps capturing."""
+    listeners(lab)
+    install(lab)
+    r = install(lab, "--name", "again", ok=False)
+    assert r.returncode == 1 and "already registered as 'default'" in r.stderr, r.stderr
+    assert [e["name"] for e in status(lab)] == ["default"]
+    assert reached(lab, REMOTE_IP4, 8000)["line"].startswith("out ")
+    r = lab.tproxy("uninstall", "--name", "again")
+    assert r.returncode == 0 and "nothing to uninstall" in r.stdout
+    assert reached(lab, REMOTE_IP4, 8000)["line"].startswith("out ")
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "node/../.."])
+def test_uninstall_refuses_a_name_that_is_not_one(lab, name):
+    listeners(lab)
+    install(lab)
+    before = pins(lab.bpffs)
+    r = lab.tproxy("uninstall", "--name", name)
+    assert r.returncode != 0 and "--name" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert pins(lab.bpffs) == before
+    assert reached(lab, REMOTE_IP4, 8000)["line"].startswith("out ")
