@@ -35,7 +35,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,8 @@ sys.path.insert(0, PROJECT)
 
 from loader.lab import PYTHON, REMOTE_IP4, Lab  # noqa: E402
 from loader.node import NodePaths, read_meta  # noqa: E402
+
+import run as bench  # noqa: E402  (bench/run.py: the machine description every result has)
 
 DP = "nobody"
 RESULTS = os.path.join(PROJECT, "bench", "results")
@@ -252,7 +253,7 @@ def map_memory(entries):
 def run(args):
     n = args.namespaces
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "machine": machine(), "namespaces": n, "reps": args.reps,
+              "machine": bench.machine(), "namespaces": n, "reps": args.reps,
               "seconds": args.seconds, "install_flags": list(FLAGS), "targets": TARGETS}
     with Lab("node") as lab:
         print("cold installs (BCC build into an empty bpffs)", flush=True)
@@ -318,16 +319,6 @@ def run(args):
 
 
 # ------------------------------------------------------------------ report
-
-def machine():
-    model = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {"kernel": platform.release(), "cpus": os.cpu_count(), "cpu": model}
-
 
 def summary_lines(result):
     """The short human summary of one run's result."""
