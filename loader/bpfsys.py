@@ -136,6 +136,22 @@ def link_info(link_fd):
     return {"link_id": info.id, "prog_id": info.prog_id, "target_id": target}
 
 
+class _MapInfo(ct.Structure):
+    """struct bpf_map_info, as far as sizes go."""
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
+                ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32),
+                ("map_flags", ct.c_uint32), ("name", ct.c_char * 16), ("rest", ct.c_uint8 * 64)]
+
+
+def map_info(map_fd):
+    info = _MapInfo()
+    ln = ct.c_uint32(ct.sizeof(info))
+    _check(libbpf().bpf_obj_get_info_by_fd(map_fd, ct.byref(info), ct.byref(ln)),
+           "bpf_obj_get_info_by_fd")
+    return {"type": info.type, "id": info.id, "key_size": info.key_size,
+            "value_size": info.value_size, "max_entries": info.max_entries}
+
+
 class PinnedMap:
     """A pinned map opened by path, for reading and writing from userspace (status,
     uninstall, config updates) without compiling anything."""
@@ -146,6 +162,21 @@ class PinnedMap:
         self.key_type, self.value_type, self.percpu = key_type, value_type, percpu
         # Per-CPU values come back as one 8-byte-aligned slot per possible CPU.
         self.ncpu = _possible_cpus() if percpu else 1
+        # The kernel copies value_size bytes into the buffer given: a map of another
+        # layout read through these types would overrun it. Refuse it instead.
+        try:
+            info = map_info(self.fd)
+        except OSError:
+            os.close(self.fd)
+            raise
+        if (info["key_size"], info["value_size"]) != (ct.sizeof(key_type),
+                                                      ct.sizeof(value_type)):
+            os.close(self.fd)
+            self.fd = -1
+            raise BpfError(errno.EPROTO, f"{path}: key and value are {info['key_size']} and "
+                           f"{info['value_size']} bytes, this version's "
+                           f"{ct.sizeof(key_type)} and {ct.sizeof(value_type)}: the map "
+                           "belongs to another layout; run 'ebpf-tproxy uninstall --all'")
 
     def close(self):
         if self.fd >= 0:

@@ -304,9 +304,11 @@ def list_names(bpffs):
     if not kernel.is_bpffs(bpffs) or not os.path.isdir(paths.root):
         return []
     names = set(paths.legacy_instances())
-    if node.read_meta(paths) is not None:
+    try:
         with namespace.NodeMaps(paths) as maps:
             names.update(maps.names())
+    except OSError:
+        pass   # no node set, or one of another layout: uninstall --all removes it whole
     return sorted(names)
 
 
@@ -326,7 +328,13 @@ def uninstall(bpffs, name=None, everything=False):
             raise InstallError(f"the node program set in {paths.node} has another map layout "
                                f"({', '.join(other)}): this version cannot remove one of its "
                                "namespaces; use that version's uninstall, or uninstall --all")
-        if node.read_meta(paths) is not None:
+        try:
+            readable = not other and node.read_meta(paths) is not None
+        except InstallError:
+            if not everything:
+                raise
+            readable = False
+        if readable:
             removed += [f"namespace {n!r} (its network namespace was gone)"
                         for n in remove_stale(paths)]
         names = list_names(bpffs) if everything else [name]
@@ -335,9 +343,12 @@ def uninstall(bpffs, name=None, everything=False):
         if os.path.isdir(paths.node):
             try:
                 maps = namespace.NodeMaps(paths)
-            except OSError:
+            except OSError as e:
                 # Another layout's (only with --all, above), or a build killed before its
                 # maps were all made: nothing of it can be registered.
+                if readable and not everything:
+                    raise InstallError(f"the node program set's maps cannot be read ({e}); "
+                                       "run 'ebpf-tproxy uninstall --all'") from None
                 maps = None
             if maps is not None:
                 with maps:

@@ -84,18 +84,25 @@ class NodePaths:
 
 
 def read_meta(paths):
-    """The node set's description, or None if there is no (complete) node set."""
-    try:
-        m = bpfsys.PinnedMap(paths.map("tp_node"), ct.c_uint32, abi.TpMeta)
-    except OSError:
+    """The node set's description, or None if there is no (complete) node set. A node set
+    that is there but cannot be read (another layout's maps) raises: treating it as absent
+    would build over it, or remove it on a failure."""
+    pin = paths.map("tp_node")
+    if not os.path.exists(pin):
         return None
+    try:
+        m = bpfsys.PinnedMap(pin, ct.c_uint32, abi.TpMeta)
+    except OSError as e:
+        raise InstallError(f"the node program set in {paths.node} cannot be read ({e})") \
+            from None
     try:
         v = m.lookup(ct.c_uint32(0))
         if not v or not v.len:
-            return None
+            return None   # a build that never finished: nothing was registered with it
         return json.loads(bytes(v.json[:v.len]).decode())
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError) as e:
+        raise InstallError(f"the node program set's description in {pin} cannot be read "
+                           f"({e}); run 'ebpf-tproxy uninstall --all'") from None
     finally:
         m.close()
 

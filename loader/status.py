@@ -66,7 +66,11 @@ def status(bpffs, name=None):
             f"the node program set has another map layout ({', '.join(paths.other_layouts())})"
             ": its own version's status shows it; uninstall --all removes it"]})
         return out
-    if node.read_meta(paths) is None:
+    try:
+        complete = node.read_meta(paths) is not None
+    except node.InstallError as e:
+        return out + [{"name": "(node)", "links": {}, "meta": None, "problems": [str(e)]}]
+    if not complete:
         if os.path.isdir(paths.node) and not name:
             out.append({"name": "(node)", "links": {}, "meta": None, "problems": [
                 "the node program set was never completed; run install again or "

@@ -3,6 +3,7 @@ Programs are loaded once; installs after the first need no compiler; namespaces 
 different settings capture side by side without cross-talk; uninstalling one leaves the
 others capturing; a namespace deleted without uninstall is found and cleaned; a previous
 layout's pins are refused with one line and removed by uninstall --all."""
+import ctypes as ct
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 
 import pytest
 
+from loader import abi
 from loader.lab import REMOTE_IP4
 
 from .conftest import CGROUP_HOOKS, DP_USER, install, listeners, pod_netns, reached
@@ -247,3 +249,32 @@ def test_uninstall_refuses_a_name_that_is_not_one(lab, name):
     assert len(r.stderr.strip().splitlines()) == 1
     assert pins(lab.bpffs) == before
     assert reached(lab, REMOTE_IP4, 8000)["line"].startswith("out ")
+
+
+def test_a_pinned_map_of_another_size_is_refused_never_read_into_a_short_buffer(lab):
+    """A map whose value is larger than this version's type (another layout's) would make
+    the kernel write past the buffer given to it: the loader refuses to read it, and
+    uninstall --all still removes everything."""
+    listeners(lab)
+    before = snapshot()
+    install(lab)
+    from loader import bpfsys, node
+    pin = node.NodePaths(lab.bpffs).map("tp_node")
+    os.unlink(pin)
+    bigger = bpfsys.libbpf()
+    bigger.bpf_map_create.argtypes = [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32,
+                                      ct.c_uint32, ct.c_void_p]
+    fd = bigger.bpf_map_create(2, b"tp_node", 4, 2 * (abi.TP_META_SIZE + 4), 1, None)
+    assert fd >= 0
+    bpfsys.obj_pin(fd, pin)
+    os.close(fd)
+    for cmd in (["status"], ["uninstall", "--name", "default"]):
+        r = lab.tproxy(*cmd)
+        assert "another layout" in (r.stdout + r.stderr), (cmd, r.stdout, r.stderr)
+    r = install(lab, ok=False)
+    assert r.returncode == 1 and "another layout" in r.stderr, r.stderr
+    assert reached(lab, REMOTE_IP4, 8000)["line"].startswith("out ")   # left as it was
+    r = lab.tproxy("uninstall", "--all")
+    assert r.returncode == 0, r.stderr
+    assert cgroup_attachments(lab.cgroup) == [] and pins(lab.bpffs) == []
+    assert wait_back_to(before) == {}
