@@ -187,7 +187,8 @@ def _install_locked(settings, cgroup_path, paths, loaded, added_lo, lo_problem, 
             # did not know the namespace yet, too (it keeps what is already there).
             more, problems = listeners.register_existing(
                 paths, p["ns_index"], cookie, settings, cgroup_path)
-            for line in dict.fromkeys(lines + more):
+            # The second pass says only what it added.
+            for line in dict.fromkeys(lines + [m for m in more if m.startswith("registered")]):
                 _log(progress, line)
             p.setdefault("warnings", []).extend(problems)
             switch.clear_old()
