@@ -67,16 +67,14 @@ def install(settings: Settings, cgroup_path, progress=None):
                     "layout (a program set per instance); run 'ebpf-tproxy uninstall --all' "
                     "(it removes those too), then install again; their connections in flight "
                     "lose their SO_ORIGINAL_DST answer")
-            other = paths.other_layouts()
+            other = paths.other_layouts_said()
             if other:
                 # New maps could not hold the registrations the old ones do, nor answer the
                 # connections in flight: refuse rather than capture nothing silently.
                 raise InstallError(
-                    f"the node program set in {paths.node} has another map layout "
-                    f"({', '.join(other)}; this version uses {os.path.basename(paths.maps)}): "
-                    "run 'ebpf-tproxy uninstall --all' with either version, then install "
-                    "each namespace again; connections in flight lose their SO_ORIGINAL_DST "
-                    "answer")
+                    f"{other}: run 'ebpf-tproxy uninstall --all' with either version, then "
+                    "install each namespace again; connections in flight lose their "
+                    "SO_ORIGINAL_DST answer")
             fresh_node = node.read_meta(paths) is None
             if not fresh_node:
                 # Before the set is loaded: what it decides (attach points, coverage) must
@@ -291,7 +289,7 @@ def _remove_lo_address_in(inode):
     if inode is None or inode == namespace.netns_inode():
         netinfo.remove_lo_address()
         return [f"{netinfo.KUMA_LO_V6}/128 on lo (added by install)"]
-    path = namespace._netns_path(inode)
+    path = namespace.netns_path(inode)
     if path is None:
         return []   # the namespace is gone, and the address with it
     subprocess.run(["nsenter", f"--net={path}", "ip", "-6", "addr", "del",
@@ -324,11 +322,10 @@ def uninstall(bpffs, name=None, everything=False):
         return []
     removed, metas = [], []
     with bpffs_lock(bpffs):
-        other = paths.other_layouts()
+        other = paths.other_layouts_said()
         if other and not everything:
-            raise InstallError(f"the node program set in {paths.node} has another map layout "
-                               f"({', '.join(other)}): this version cannot remove one of its "
-                               "namespaces; use that version's uninstall, or uninstall --all")
+            raise InstallError(f"{other}: this version cannot remove one of its namespaces; "
+                               "use that version's uninstall, or uninstall --all")
         try:
             readable = not other and node.read_meta(paths) is not None
         except InstallError:

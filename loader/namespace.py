@@ -445,7 +445,7 @@ def _clear_listener_row(pin, ns_index):
                     sockmap.delete(ct.c_uint32(key))
 
 
-def _netns_path(inode):
+def netns_path(inode):
     """A path to the network namespace with this inode: a name in /run/netns, or a
     process living in it."""
     candidates = [os.path.join("/run/netns", n) for n in sorted(os.listdir("/run/netns"))] \

@@ -75,6 +75,14 @@ class NodePaths:
         return sorted(e for e in os.listdir(self.node)
                       if e.startswith("maps-v") and e != mine)
 
+    def other_layouts_said(self):
+        """One clause naming the other layout's maps beside this version's, or ''."""
+        other = self.other_layouts()
+        if not other:
+            return ""
+        return (f"the node program set in {self.node} has another map layout "
+                f"({', '.join(other)}; this version uses {os.path.basename(self.maps)})")
+
     def legacy_instances(self):
         """Instances of the layout before the node program set (ABI <= 3): one directory
         per instance name beside node/."""

@@ -61,10 +61,10 @@ def status(bpffs, name=None):
         out.append({"name": legacy, "problems": [
             "installed by an earlier version (a program set per instance): run "
             "'ebpf-tproxy uninstall --all', then install again"], "links": {}, "meta": None})
-    if paths.other_layouts():
+    other = paths.other_layouts_said()
+    if other:
         out.append({"name": "(node)", "links": {}, "meta": None, "problems": [
-            f"the node program set has another map layout ({', '.join(paths.other_layouts())})"
-            ": its own version's status shows it; uninstall --all removes it"]})
+            f"{other}: its own version's status shows it; uninstall --all removes it"]})
         return out
     try:
         complete = node.read_meta(paths) is not None
