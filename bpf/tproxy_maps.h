@@ -26,13 +26,13 @@
 BPF_TABLE_PINNED("hash", u64, struct tp_config, tp_ns, TP_MAX_NS, TP_PIN(tp_ns),
 		 BPF_F_NO_PREALLOC);
 /* Each registered namespace's own addresses, for sk_lookup (see struct tp_addr_key). */
-BPF_TABLE_PINNED("hash", struct tp_addr_key, u64, tp_ns_addrs, 65536, TP_PIN(tp_ns_addrs),
+BPF_TABLE_PINNED("hash", struct tp_addr_key, u64, tp_ns_addrs, TP_NS_ADDRS_MAX, TP_PIN(tp_ns_addrs),
 		 BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", struct tp_uid_rule_key, struct tp_uid_rule, tp_uid_rules,
 		 2 * TP_MAX_UID_RULES * TP_MAX_NS, TP_PIN(tp_uid_rules), BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("hash", struct tp_port_key, u8, tp_ports, 1 << 20, TP_PIN(tp_ports),
+BPF_TABLE_PINNED("hash", struct tp_port_key, u8, tp_ports, TP_PORTS_MAX, TP_PIN(tp_ports),
 		 BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("lpm_trie", struct tp_cidr_key, u8, tp_cidrs, 1 << 20, TP_PIN(tp_cidrs),
+BPF_TABLE_PINNED("lpm_trie", struct tp_cidr_key, u8, tp_cidrs, TP_CIDRS_MAX, TP_PIN(tp_cidrs),
 		 BPF_F_NO_PREALLOC);
 /* The application's socket: its original destination and namespace, freed with it. */
 BPF_TABLE_PINNED("sk_storage", int, struct tp_sk_orig, tp_sk_orig, 0, TP_PIN(tp_sk_orig),

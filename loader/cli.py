@@ -28,15 +28,29 @@ def progress(msg):
 def enter_netns(netns):
     """--netns: act on a named network namespace (or a /proc/PID/ns/net path) without
     `ip netns exec`, which remounts /sys and hides the cgroup2 and bpffs mounts."""
-    if not netns:
+    if netns is None:
         return
-    path = netns if "/" in netns else f"/run/netns/{netns}"
+    if not netns.strip():
+        fail("--netns: empty; give a name in /run/netns or a path such as /proc/PID/ns/net, "
+             "or leave it out for the namespace this command runs in")
+    if "/" in netns:
+        path = netns
+        if not path.startswith("/"):
+            fail(f"--netns: {netns!r} is relative; give a name in /run/netns or an absolute "
+                 "path such as /proc/PID/ns/net")
+    elif netns in (".", ".."):
+        fail(f"--netns: {netns!r} is not a namespace name; give a name in /run/netns")
+    else:
+        path = f"/run/netns/{netns}"
     if not os.path.exists(path):
         fail(f"--netns: {path} does not exist; create it with 'ip netns add' or give a path "
              "such as /proc/PID/ns/net")
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        fail(f"--netns: cannot open {path} ({e.strerror}); give a network namespace")
     try:
         if libc.setns(fd, 0x40000000) != 0:   # CLONE_NEWNET
             fail(f"--netns: cannot enter {path}: {os.strerror(ctypes.get_errno())}")
@@ -49,11 +63,42 @@ def resolve_cgroup(path):
     if root is None:
         raise ConfigError("no cgroup2 mount found in /proc/self/mounts; mount one "
                           "(mount -t cgroup2 none /sys/fs/cgroup/unified) and retry")
-    path = os.path.abspath(path or root)
-    if not kernel.is_cgroup2(path):
+    path = path or root   # absolute, without . or .. (config.parse_path)
+    if not kernel.is_cgroup2(path) or os.path.islink(path):
         raise ConfigError(f"--ebpf-cgroup-path: {path} is not a directory in the cgroup2 "
                           f"mount; give a cgroup under {root}")
     return path
+
+
+def check_bpffs_path(path):
+    """--ebpf-bpffs-path: a bpffs, or a directory install may mount one on (exit 2)."""
+    if not kernel.is_bpffs(path) and (not os.path.isdir(path) or os.path.islink(path)):
+        raise ConfigError(f"--ebpf-bpffs-path: {path} is not a directory; give a bpffs mount "
+                          "point, or a directory to mount one on (default /sys/fs/bpf)")
+
+
+def _bpffs_arg(ctx, param, value):
+    try:
+        path = config.parse_path(value, "--ebpf-bpffs-path")
+        check_bpffs_path(path)
+    except ConfigError as e:
+        fail(str(e))
+    return path
+
+
+def _name_arg(ctx, param, value):
+    if value is not None:
+        try:
+            config.check_name(value)
+        except ConfigError as e:
+            fail(str(e))
+    return value
+
+
+def need_privileges():
+    priv = kernel.check_privileges()
+    if not priv.ok:
+        fail(f"{priv.detail}: {priv.fix}")
 
 
 # Optional-value booleans: Kuma users write both "--redirect-inbound" and
@@ -201,7 +246,8 @@ def with_options(options):
 
 
 bpffs_option = click.option("--ebpf-bpffs-path", default="/sys/fs/bpf", show_default=True,
-                            help="bpffs mount holding the instances' pins.")
+                            callback=_bpffs_arg,
+                            help="bpffs mount holding the node program set's pins.")
 output_option = click.option("--output", type=click.Choice(["table", "json"]), default="table",
                              show_default=True)
 
@@ -220,9 +266,19 @@ def main():
     """
 
 
+def _path_arg(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return config.parse_path(value, "--" + param.name.replace("_", "-"))
+    except ConfigError as e:
+        fail(str(e))
+
+
 @main.command()
-@click.option("--ebpf-cgroup-path", help="cgroup the install would target.")
-@bpffs_option
+@click.option("--ebpf-cgroup-path", callback=_path_arg, help="cgroup the install would target.")
+@click.option("--ebpf-bpffs-path", default="/sys/fs/bpf", show_default=True,
+              callback=_path_arg, help="bpffs mount install would use.")
 @output_option
 def check(ebpf_cgroup_path, ebpf_bpffs_path, output):
     """Check that install can succeed here: kernel, mounts, privileges, BCC, hooks.
@@ -301,6 +357,7 @@ def install(**kw):
         for w in warnings:
             click.echo(f"ebpf-tproxy: note: {w}", err=True)
         cgroup = resolve_cgroup(settings.cgroup_path)
+        check_bpffs_path(settings.bpffs_path)
     except ConfigError as e:
         fail(str(e))
     enter_netns(kw["netns"])
@@ -325,9 +382,7 @@ def install(**kw):
     ver = kernel.check_kernel_version()
     if not ver.ok:
         fail(f"{ver.detail}: {ver.fix}")
-    priv = kernel.check_privileges()
-    if not priv.ok:
-        fail(f"{priv.detail}: {priv.fix}")
+    need_privileges()
     try:
         p = lifecycle.install(settings, cgroup, progress=progress if verbose else None)
     except ConfigError as e:
@@ -353,7 +408,7 @@ def _size(n):
 
 
 @main.command()
-@click.option("--name", help="Only this namespace's registration.")
+@click.option("--name", callback=_name_arg, help="Only this namespace's registration.")
 @bpffs_option
 @output_option
 def status(name, ebpf_bpffs_path, output):
@@ -364,9 +419,18 @@ def status(name, ebpf_bpffs_path, output):
     Example:
       ebpf-tproxy status
       ebpf-tproxy status --name default --output json
+    Exits 1 when something is wrong (a link detached, a map unreadable, an install that
+    did not finish: each a PROBLEM line), 0 otherwise.
     """
     from .status import status as node_status
-    entries = node_status(ebpf_bpffs_path, name)
+    need_privileges()
+    try:
+        entries = node_status(ebpf_bpffs_path, name)
+    except ConfigError as e:
+        fail(str(e))
+    except (node.InstallError, OSError) as e:
+        fail(f"cannot read the node program set: {e}", EXIT_FAILED)
+    problems = any(e.get("problems") for e in entries)
     if output == "json":
         click.echo(json.dumps(entries, indent=2))
     elif not entries:
@@ -440,10 +504,11 @@ def status(name, ebpf_bpffs_path, output):
                 click.echo(f"  note: {note}")
             for prob in e["problems"]:
                 click.echo(f"  PROBLEM: {prob}")
+    sys.exit(EXIT_FAILED if problems else 0)
 
 
 @main.command()
-@click.option("--name", default="default", show_default=True)
+@click.option("--name", default="default", show_default=True, callback=_name_arg)
 @click.option("--all", "all_", is_flag=True, help="Every namespace, and the node program set.")
 @bpffs_option
 def uninstall(name, all_, ebpf_bpffs_path):
@@ -456,13 +521,14 @@ def uninstall(name, all_, ebpf_bpffs_path):
       ebpf-tproxy uninstall --name pod1
       ebpf-tproxy uninstall --all
     """
+    need_privileges()
     try:
         names = lifecycle.list_names(ebpf_bpffs_path) if all_ else [name]
         removed = lifecycle.uninstall(ebpf_bpffs_path, None if all_ else name,
                                       everything=all_)
     except ConfigError as e:
         fail(str(e))
-    except node.InstallError as e:
+    except (node.InstallError, OSError) as e:
         fail(str(e), EXIT_FAILED)
     which = ", ".join(repr(n) for n in names) or "everything"
     click.echo(f"uninstalled {which}: removed {len(removed)} objects" if removed

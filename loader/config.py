@@ -21,16 +21,30 @@ from . import abi
 ENV_PREFIX = "KUMA_TRANSPARENT_PROXY_"
 DEFAULT_DP_UID = 5678
 DEFAULT_DP_USER = "kuma-dp"
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+# bpffs refuses '.' in a pin's name, and a name is a directory there: one rule for every
+# command (install, status, uninstall), checked before anything is read or written.
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# Whatever is read from a file (config, resolv.conf) is capped: /dev/zero must not hang us.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_RESOLV_BYTES = 64 << 10
 
 
 class ConfigError(ValueError):
     """Bad input: the message is the one line the user sees (cause and fix)."""
 
 
+def check_name(name, what="--name"):
+    """The one registration-name rule (install, status, uninstall, the CNI plugin)."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ConfigError(f"{what}: {name!r} is not a valid registration name; use lowercase "
+                          "letters, digits, '_' or '-' (at most 63, starting with a letter or "
+                          "digit)")
+    return name
+
+
 # Kuma's schema. Each leaf: (default, kind). Kinds are parsed by PARSERS below.
 SCHEMA = {
-    "kumaDPUser": ("", "str"),
+    "kumaDPUser": ("", "user"),
     "ipFamilyMode": ("dualstack", "family"),
     "redirect": {
         "inbound": {
@@ -56,7 +70,7 @@ SCHEMA = {
             "enabled": (False, "bool"),
             "port": (15053, "port"),
             "captureAll": (False, "bool"),
-            "resolvConfigPath": ("/etc/resolv.conf", "str"),
+            "resolvConfigPath": ("/etc/resolv.conf", "path"),
             "skipConntrackZoneSplit": (False, "bool"),
         },
         "vnet": {"networks": ([], "strs")},
@@ -65,8 +79,8 @@ SCHEMA = {
         "enabled": (True, "bool"),
         "instanceIP": ("", "ip"),
         "instanceIPEnvVarName": ("", "str"),
-        "bpffsPath": ("/sys/fs/bpf", "str"),
-        "cgroupPath": ("", "str"),
+        "bpffsPath": ("/sys/fs/bpf", "path"),
+        "cgroupPath": ("", "path"),
         "tcAttachIface": ("", "str"),
         "programsSourcePath": ("", "str"),
         # ebpf-tproxy's own (not in Kuma): sockmap acceleration. "auto" (the default): on
@@ -161,25 +175,45 @@ ENV_NAMES = {env_name(p): p for p in LEAVES}
 
 # ----------------------------------------------------------------------------- parsers
 
-def _split(value):
-    """A list given as a list, a comma string or a single value."""
+def _split(value, what="value"):
+    """A list given as a list (of scalars: one level, as Kuma's schema has), a comma string
+    or a single value."""
     if value is None:
         return []
     if isinstance(value, (list, tuple)):
         out = []
         for v in value:
-            out.extend(_split(v))
+            if isinstance(v, (list, tuple, dict)):
+                raise ConfigError(f"{what}: a list inside a list; give one flat list of "
+                                  "values (or a comma string)")
+            out.extend(_split(v, what))
         return out
+    if isinstance(value, dict):
+        raise ConfigError(f"{what}: a mapping where a value or list belongs; give a value, "
+                          "a list or a comma string")
     if isinstance(value, int) and not isinstance(value, bool):
         return [str(value)]
     return [p.strip() for p in str(value).split(",") if p.strip()]
 
 
+_ASCII_UINT = re.compile(r"[0-9]+")
+
+
+def parse_uint(text):
+    """Kuma's Go parsers (strconv.ParseUint, base 10): ASCII digits only; no sign, no '_',
+    no other script's digits (which Python's int() would take). None if it is not one."""
+    if isinstance(text, bool):
+        return None
+    if isinstance(text, int):
+        return text if text >= 0 else None
+    text = str(text).strip(" \t")
+    return int(text) if _ASCII_UINT.fullmatch(text) else None
+
+
 def parse_port(value, what):
-    try:
-        port = int(str(value).strip())
-    except ValueError:
-        raise ConfigError(f"{what}: {value!r} is not a port number; use 1-65535") from None
+    port = parse_uint(value)
+    if port is None:
+        raise ConfigError(f"{what}: {value!r} is not a port number; use 1-65535")
     if not 1 <= port <= 65535:
         raise ConfigError(f"{what}: {port} is not a valid port; use 1-65535")
     return port
@@ -188,7 +222,7 @@ def parse_port(value, what):
 def parse_port_ranges(value, what, allow_star=True):
     """'53,3000-5000' -> [(53, 53), (3000, 5000)]; '*' -> [(1, 65535)]."""
     ranges = []
-    for item in _split(value):
+    for item in _split(value, what):
         if item == "*" and allow_star:
             ranges.append((1, 65535))
             continue
@@ -210,7 +244,7 @@ def parse_ports(value, what):
 
 def parse_cidrs(value, what):
     nets = []
-    for item in _split(value):
+    for item in _split(value, what):
         try:
             nets.append(str(ipaddress.ip_network(item, strict=False)))
         except ValueError:
@@ -221,12 +255,11 @@ def parse_cidrs(value, what):
 
 def parse_uid_range(text, what):
     lo, sep, hi = text.partition("-")
-    try:
-        a = int(lo)
-        b = int(hi) if sep else a
-    except ValueError:
+    a = parse_uint(lo)
+    b = parse_uint(hi) if sep else a
+    if a is None or b is None:
         raise ConfigError(f"{what}: {text!r} is not a uid or uid range (e.g. 1000 or "
-                          "106-108)") from None
+                          "106-108)")
     if a < 0 or b < a or b > 0xFFFFFFFE:
         raise ConfigError(f"{what}: uid range {text!r} is not valid; write LOW-HIGH, "
                           "0 <= LOW <= HIGH")
@@ -260,7 +293,7 @@ def parse_uid_rule(text, what="--exclude-outbound-ports-for-uids"):
         raise ConfigError(f"{what}: {text!r} has too many ':'; the form is "
                           "[proto:][ports:]uids, e.g. tcp:53,3000-5000:106-108")
     protos = 0
-    for p in _split(proto) or ["*"]:
+    for p in _split(proto, what) or ["*"]:
         p = p.lower()
         if p == "*":
             protos |= abi.TP_PROTO_TCP | abi.TP_PROTO_UDP
@@ -313,12 +346,20 @@ def parse_leaf(kind, value, what):
     if kind == "uidrules":
         return [r.describe() for r in (parse_uid_rule(t, what) for t in _split_rules(value))]
     if kind == "strs":
-        return _split(value)
+        return _split(value, what)
     if kind == "int":
-        try:
-            return int(str(value).strip())
-        except ValueError:
-            raise ConfigError(f"{what}: {value!r} is not a whole number") from None
+        n = parse_uint(value)
+        if n is None:
+            raise ConfigError(f"{what}: {value!r} is not a whole number")
+        return n
+    if kind == "path":
+        return parse_path(value, what)
+    if kind == "user":
+        s = "" if value is None else str(value).strip()
+        if not s:
+            raise ConfigError(f"{what}: empty; give the name or uid the proxy (kuma-dp) "
+                              "runs as, or leave it out for the default")
+        return s
     if kind == "any":
         return value
     if kind == "family":
@@ -337,14 +378,37 @@ def parse_leaf(kind, value, what):
     return "" if value is None else str(value)
 
 
+def parse_path(value, what):
+    """An absolute path, given: empty is an error, never a default (an empty cgroup path
+    would mean the whole host), and '.' or '..' components are refused rather than resolved
+    (x/.. is the parent)."""
+    if isinstance(value, (list, tuple, dict)) or value is None:
+        raise ConfigError(f"{what}: {value!r} is not a path; give an absolute path")
+    s = str(value)
+    if not s.strip():
+        raise ConfigError(f"{what}: empty; give an absolute path, or leave it out for the "
+                          "default")
+    if not s.startswith("/"):
+        raise ConfigError(f"{what}: {s!r} is relative; give an absolute path")
+    if any(part in (".", "..") for part in s.split("/")):
+        raise ConfigError(f"{what}: {s!r} has '.' or '..' in it; give the directory itself")
+    return os.path.normpath(s)
+
+
 def _split_rules(value):
     """uid rules contain commas inside an entry (ports lists), so entries are only split
     on ';' (annotation style) or given as a list; a flag gives one entry per use."""
     if isinstance(value, (list, tuple)):
         out = []
         for v in value:
+            if isinstance(v, (list, tuple, dict)):
+                raise ConfigError("redirect.outbound.excludePortsForUIDs: a list inside a "
+                                  "list; give one flat list of entries")
             out.extend(_split_rules(v))
         return out
+    if isinstance(value, dict):
+        raise ConfigError("redirect.outbound.excludePortsForUIDs: a mapping where entries "
+                          "belong; give a list of [proto:][ports:]uids strings")
     if value is None or str(value).strip() == "":
         return []
     return [p.strip() for p in str(value).split(";") if p.strip()]
@@ -375,23 +439,69 @@ def _flatten(doc, prefix="", where="config"):
     return out, unknown
 
 
+class _KumaLoader(yaml.SafeLoader):
+    """safe_load, minus aliases of lists and mappings: a few lines of them expand to
+    billions of values (the "billion laughs"); Kuma's keys never need them. Scalar aliases
+    (*port) stay: they cannot grow."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = self.anchors.get(event.anchor)
+            if node is not None and not isinstance(node, yaml.ScalarNode):
+                raise ConfigError(f"{self._where}: alias *{event.anchor} (line "
+                                  f"{event.start_mark.line + 1}) repeats a list or mapping; "
+                                  "write the values out instead")
+        return super().compose_node(parent, index)
+
+
+def read_bounded(path, limit, what, fix):
+    """The bytes of a regular file, at most limit of them (no FIFO, device or /dev/zero)."""
+    import stat
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError) as e:
+        why = getattr(e, "strerror", None) or str(e)
+        raise ConfigError(f"{what}: cannot read it ({why}); {fix}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{what}: not a regular file; {fix}")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ConfigError(f"{what}: larger than {limit // 1024} KiB; {fix}")
+    return data
+
+
 def read_config_file(name, stdin=None):
     """Parse one --config source ('-' = stdin), YAML or JSON (JSON is YAML)."""
+    fix = "give a Kuma config file (YAML or JSON, UTF-8)"
     if name == "-":
-        text, where = (stdin or sys.stdin).read(), "config from stdin"
+        where = "config from stdin"
+        src = stdin or sys.stdin
+        raw = getattr(src, "buffer", src).read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{where}: larger than {MAX_CONFIG_BYTES // 1024} KiB; {fix}")
     else:
         where = f"config file {name}"
-        try:
-            with open(name) as f:
-                text = f.read()
-        except OSError as e:
-            raise ConfigError(f"{where}: cannot read it ({e.strerror}); check the path") from None
+        raw = read_bounded(name, MAX_CONFIG_BYTES, where, "check the path")
     try:
-        doc = yaml.safe_load(text)
+        text = raw.decode() if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not UTF-8 (byte {e.start}); save it as UTF-8") from None
+    if "\x00" in text:
+        raise ConfigError(f"{where}: contains a NUL byte; {fix}")
+    loader = _KumaLoader(text)
+    loader._where = where
+    try:
+        doc = loader.get_single_data()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{where}: does not parse as YAML or JSON{at}; fix the syntax") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deep to be a Kuma config; fix it") from None
+    finally:
+        loader.dispose()
     return _flatten(doc or {}, where=where)
 
 
@@ -421,8 +531,18 @@ def merge(layers):
         for path, raw in vals.items():
             kind = LEAVES[path][1]
             label = _label(path, where)
+            if _has_nul(raw):
+                raise ConfigError(f"{label}: contains a NUL byte; remove it")
             values[path] = parse_leaf(kind, raw, label)
     return values
+
+
+def _has_nul(value):
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, (list, tuple)):
+        return any(isinstance(v, str) and "\x00" in v for v in value)
+    return False
 
 
 def _label(path, where):
@@ -555,12 +675,13 @@ def resolve_dp_user(value):
     """Kuma: a name or a uid that exists; default uid 5678, else user kuma-dp."""
     if value:
         v = str(value).strip()
+        uid = parse_uint(v)
         try:
-            if v.isdigit():
-                return int(v), pwd.getpwuid(int(v)).pw_name
+            if uid is not None:
+                return uid, pwd.getpwuid(uid).pw_name
             ent = pwd.getpwnam(v)
             return ent.pw_uid, ent.pw_name
-        except KeyError:
+        except (KeyError, OverflowError, ValueError):
             raise ConfigError(f"--kuma-dp-user: no user {v!r} on this host; give the name "
                               "or uid the proxy (kuma-dp) runs as") from None
     try:
@@ -584,9 +705,7 @@ def notes_for(values):
 def settings_from(values, name="default", environ=None):
     """Validate merged values into Settings. Host facts (cgroup2, bpffs, instance IP) are
     checked later by the install step; this only needs the user database."""
-    if not NAME_RE.match(name or ""):
-        raise ConfigError(f"--name: {name!r} is not a valid registration name; use lowercase "
-                          "letters, digits, '.', '_' or '-' (at most 63)")
+    check_name(name)
     for path, why in NOT_YET.items():
         if values[path] != LEAVES[path][0]:
             raise ConfigError(f"{FLAG_FOR.get(path, path)}: {why}; remove it (see "
@@ -599,6 +718,13 @@ def settings_from(values, name="default", environ=None):
     if len(rules) > abi.TP_MAX_UID_RULES:
         raise ConfigError(f"--exclude-outbound-ports-for-uids: {len(rules)} entries; at most "
                           f"{abi.TP_MAX_UID_RULES} are supported, merge uid ranges")
+    n_ips = len(values["redirect.outbound.excludePortsForIPs"]) + \
+        len(values["redirect.inbound.excludePortsForIPs"])
+    if n_ips > abi.TP_CIDRS_MAX // 2:
+        raise ConfigError(f"--exclude-outbound-ips and --exclude-inbound-ips: {n_ips} "
+                          f"entries; at most {abi.TP_CIDRS_MAX // 2} per namespace (the node's "
+                          f"tp_cidrs holds {abi.TP_CIDRS_MAX}, and an update needs room for "
+                          "the old and the new configuration): use wider CIDRs")
     ports = {"--redirect-outbound-port": values["redirect.outbound.port"],
              "--redirect-inbound-port": values["redirect.inbound.port"],
              "--redirect-dns-port": values["redirect.dns.port"]}
@@ -673,12 +799,9 @@ def dump_json(obj):
 
 def read_nameservers(path):
     """resolv.conf's nameservers, by family: ({"4": [...], "6": [...]}, warnings)."""
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise ConfigError(f"redirect.dns.resolvConfigPath: cannot read {path} ({e.strerror})"
-                          "; fix the path or use --redirect-all-dns-traffic") from None
+    raw = read_bounded(path, MAX_RESOLV_BYTES, f"redirect.dns.resolvConfigPath: {path}",
+                       "fix the path or use --redirect-all-dns-traffic")
+    lines = raw.decode(errors="replace").splitlines()
     servers = {4: [], 6: []}
     for line in lines:
         parts = line.split()

@@ -144,18 +144,33 @@ def check_headers():
 
 
 def ensure_bpffs(path):
-    """Mount bpffs at path if it is not one yet. Returns True if this call mounted it."""
+    """Mount bpffs at path if it is not one yet. Returns True if this call mounted it.
+
+    Mounted mode 0700: the kernel's default (1777) would let any user make directories in
+    it, and pins there are what keeps capture attached (pinfs.py). Two first installs at
+    once must not stack two mounts: the check and the mount happen under a lock on the
+    directory underneath (both opened it before either mounted), so the second sees the
+    first's mount."""
+    import fcntl
     if is_bpffs(path):
         return False
-    if not os.path.isdir(path):
-        raise HostError(f"--ebpf-bpffs-path: {path} is not a directory; pass a bpffs mount "
-                        "point (default /sys/fs/bpf)")
-    libc = ct.CDLL(None, use_errno=True)
-    if libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, None) != 0:
-        err = ct.get_errno()
-        raise HostError(f"cannot mount bpffs at {path}: {os.strerror(err)}; mount it with "
-                        f"'mount -t bpf bpf {path}'")
-    return True
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise HostError(f"--ebpf-bpffs-path: cannot open {path} ({e.strerror}); pass a "
+                        "directory to mount bpffs on (default /sys/fs/bpf)") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if is_bpffs(path):
+            return False
+        libc = ct.CDLL(None, use_errno=True)
+        if libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, b"mode=0700") != 0:
+            err = ct.get_errno()
+            raise HostError(f"cannot mount bpffs at {path}: {os.strerror(err)}; mount it "
+                            f"with 'mount -t bpf -o mode=0700 bpf {path}'")
+        return True
+    finally:
+        os.close(fd)
 
 
 def unmount(path):

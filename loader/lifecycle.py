@@ -18,11 +18,10 @@ import contextlib
 import dataclasses
 import fcntl
 import os
-import shutil
 import time
 
-from . import kernel, listeners, namespace, netinfo, node, probe, seams
-from .config import NAME_RE, ConfigError, Settings
+from . import kernel, listeners, namespace, netinfo, node, pinfs, probe, seams
+from .config import NAME_RE, ConfigError, Settings, check_name
 from .node import InstallError, NodePaths
 
 MOUNT_MARKER_DIR = "/run/ebpf-tproxy"
@@ -34,7 +33,7 @@ __all__ = ["InstallError", "install", "uninstall", "list_names", "bpffs_lock"]
 def bpffs_lock(bpffs):
     """One install/uninstall at a time per bpffs: flock on the mount point itself, so no
     lock file is left behind."""
-    fd = os.open(bpffs, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(bpffs, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -55,11 +54,11 @@ def install(settings: Settings, cgroup_path, progress=None):
     paths = NodePaths(settings.bpffs_path)
     mounted = kernel.ensure_bpffs(settings.bpffs_path)
     if mounted:
-        os.makedirs(MOUNT_MARKER_DIR, exist_ok=True)
+        os.makedirs(MOUNT_MARKER_DIR, mode=0o700, exist_ok=True)
         open(_mount_marker(settings.bpffs_path), "w").close()
-    added_lo = False
     try:
         with bpffs_lock(settings.bpffs_path):
+            pinfs.check_tree(paths.bpffs, paths.root)
             legacy = paths.legacy_instances()
             if legacy:
                 raise InstallError(
@@ -87,13 +86,7 @@ def install(settings: Settings, cgroup_path, progress=None):
                     node.remove(paths)
                 raise
             try:
-                # Kuma adds ::6/128 to lo for Envoy's IPv6 passthrough source (rule 4c); so
-                # do we, and uninstall removes it only if it was ours.
-                lo_problem = None
-                if settings.ipv6:
-                    added_lo, lo_problem = netinfo.ensure_lo_address()
-                p = _install_locked(settings, cgroup_path, paths, loaded, added_lo,
-                                    lo_problem, progress)
+                p = _install_locked(settings, cgroup_path, paths, loaded, progress)
             except BaseException:
                 if fresh_node:
                     _log(progress, "install failed: removing the node program set it built")
@@ -102,8 +95,6 @@ def install(settings: Settings, cgroup_path, progress=None):
             finally:
                 loaded.close()
     except BaseException:
-        if added_lo:
-            netinfo.remove_lo_address()
         _maybe_unmount(settings.bpffs_path)   # after the lock: its fd keeps the mount busy
         raise
     return p
@@ -130,7 +121,24 @@ def _acceleration(settings, loaded, p, progress):
     return settings
 
 
-def _install_locked(settings, cgroup_path, paths, loaded, added_lo, lo_problem, progress):
+def _add_lo_address(maps, settings, p, existing, fresh):
+    """Kuma adds ::6/128 to lo for Envoy's IPv6 passthrough source (rule 4c); so do we.
+    What install is about to add is recorded in the namespace's description first, so that
+    uninstall removes it even if this loader is killed right after adding it (and never
+    removes an address that was there before). Returns True if this call added it."""
+    if not settings.ipv6 or netinfo.has_lo_address():
+        return False
+    p["added_lo_address"] = True
+    if not fresh and not existing.get("added_lo_address"):
+        maps.write_meta(settings.name, dict(existing, added_lo_address=True))
+    added, problem = netinfo.ensure_lo_address()
+    seams.pause("after-lo-address")
+    if problem:
+        p.setdefault("warnings", []).append(problem)
+    return added
+
+
+def _install_locked(settings, cgroup_path, paths, loaded, progress):
     cookie, how = probe.learn_netns_cookie(
         (loaded.fd("learn_netns_cookie"), paths.map("tp_learned_cookie")))
     if not cookie:
@@ -140,8 +148,6 @@ def _install_locked(settings, cgroup_path, paths, loaded, added_lo, lo_problem, 
     p = namespace.plan(settings, netinfo.local_networks(), netinfo.default_instance_ips(),
                        cgroup_path, cookie)
     p["netns_cookie_from"] = how
-    if settings.ipv6 and lo_problem:
-        p.setdefault("warnings", []).append(lo_problem)
     with namespace.NodeMaps(paths) as maps:
         existing = maps.read_meta(settings.name)
         if existing and existing.get("cgroup") != cgroup_path:
@@ -153,7 +159,7 @@ def _install_locked(settings, cgroup_path, paths, loaded, added_lo, lo_problem, 
                 f"{settings.name!r} belongs to another network namespace (inode "
                 f"{existing.get('netns_inode')}); uninstall it first or choose another "
                 "--name")
-        p["added_lo_address"] = bool(added_lo or (existing or {}).get("added_lo_address"))
+        p["added_lo_address"] = bool((existing or {}).get("added_lo_address"))
         settings = _acceleration(settings, loaded, p, progress)
         if settings.inbound_enabled and "sk_lookup_inbound" not in loaded:
             prog = next(pr for pr in node.programs.PROGRAMS if pr.name == "sk_lookup_inbound")
@@ -163,9 +169,11 @@ def _install_locked(settings, cgroup_path, paths, loaded, added_lo, lo_problem, 
         fresh = existing is None
         if fresh:
             # Visible (and undone by uninstall) should this loader die from here on.
+            p["added_lo_address"] = settings.ipv6 and not netinfo.has_lo_address()
             maps.write_meta(settings.name, _described(p, complete=False))
-        created, switch = [], None
+        created, switch, added_lo = [], None, False
         try:
+            added_lo = _add_lo_address(maps, settings, p, existing, fresh)
             p["attached_at"], created = node.ensure_attached(paths, loaded, cgroup_path,
                                                              progress)
             # Every namespace gets its sk_lookup link where the kernel has sk_lookup, inbound
@@ -204,6 +212,8 @@ def _install_locked(settings, cgroup_path, paths, loaded, added_lo, lo_problem, 
                 namespace.unregister(maps, settings.name)
                 node.detach_netns(paths, settings.name)
                 detach_unused_cgroups(paths, maps)
+                if added_lo:
+                    netinfo.remove_lo_address()
             raise
     return p
 
@@ -254,13 +264,13 @@ def _remove_legacy(paths, name):
     remove its pins."""
     d = os.path.join(paths.root, name)
     if name == node.NODE_DIR or not NAME_RE.match(name) or not os.path.isdir(d) or \
-            os.path.dirname(os.path.realpath(d)) != os.path.realpath(paths.root):
+            os.path.islink(d):
         return []
     links = os.path.join(d, "links")
     pins = [os.path.join(links, n) for n in sorted(os.listdir(links))] \
         if os.path.isdir(links) else []
     node.detach(pins)
-    shutil.rmtree(d)
+    pinfs.rmtree(d)
     return [f"link {os.path.basename(x)}" for x in pins] + [d]
 
 
@@ -315,13 +325,13 @@ def uninstall(bpffs, name=None, everything=False):
     """Remove one namespace (name) or everything. The node program set goes with the last
     namespace. Returns what was removed (empty if there was nothing)."""
     paths = NodePaths(bpffs)
-    if name is not None and not NAME_RE.match(name):
-        raise ConfigError(f"--name: {name!r} is not a valid registration name; use lowercase "
-                          "letters, digits, '.', '_' or '-' (at most 63)")
+    if name is not None:
+        check_name(name)
     if not kernel.is_bpffs(bpffs):
         return []
     removed, metas = [], []
     with bpffs_lock(bpffs):
+        pinfs.check_tree(paths.bpffs, paths.root)
         other = paths.other_layouts_said()
         if other and not everything:
             raise InstallError(f"{other}: this version cannot remove one of its namespaces; "

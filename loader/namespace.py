@@ -178,10 +178,11 @@ class NodeMaps:
             return bpfsys.PinnedMap(paths.map(name), k, v, **kw)
         self.paths = paths
         self.ns = m("tp_ns", ct.c_uint64, abi.TpConfig, max_entries=abi.TP_MAX_NS)
-        self.ns_addrs = m("tp_ns_addrs", abi.TpAddrKey, ct.c_uint64, max_entries=65536)
+        self.ns_addrs = m("tp_ns_addrs", abi.TpAddrKey, ct.c_uint64,
+                          max_entries=abi.TP_NS_ADDRS_MAX)
         self.uid_rules = m("tp_uid_rules", abi.TpUidRuleKey, abi.TpUidRule)
-        self.ports = m("tp_ports", abi.TpPortKey, ct.c_uint8)
-        self.cidrs = m("tp_cidrs", abi.TpCidrKey, ct.c_uint8)
+        self.ports = m("tp_ports", abi.TpPortKey, ct.c_uint8, max_entries=abi.TP_PORTS_MAX)
+        self.cidrs = m("tp_cidrs", abi.TpCidrKey, ct.c_uint8, max_entries=abi.TP_CIDRS_MAX)
         self.conns = m("tp_conns", abi.TpConnKey, abi.TpConn, max_entries=abi.TP_CONN_MAX)
         self.counters = m("tp_counters", ct.c_uint64, abi.TpNsCounters, percpu=True,
                           max_entries=abi.TP_MAX_NS)
@@ -331,8 +332,35 @@ def check(maps, settings: Settings, p):
                            "namespace; inbound capture finds a namespace by the address a "
                            "connection arrives at, so each needs its own (or install with "
                            "--redirect-inbound=false)")
+    _check_room(maps, settings, p)
     ns_index = (mine or {}).get("ns_index")
     return ns_index if ns_index is not None else _free_index(regs)
+
+
+def entry_counts(settings, p):
+    """How many entries the namespace's generation takes in each shared map."""
+    c = map_contents(settings, p)
+    return {"tp_ports": sum(len(v) for v in c["tp_ports"].values()),
+            "tp_cidrs": sum(len(set(v)) for v in c["tp_cidrs"].values()),
+            "tp_ns_addrs": len(c["tp_ns_addrs"])}
+
+
+def _check_room(maps, settings, p):
+    """The shared maps must hold this namespace's new generation beside everything already
+    there (its old generation goes only after the switch): said now, by name, rather than
+    as ENOSPC halfway through."""
+    need = entry_counts(settings, p)
+    for name, m, limit in (("tp_ports", maps.ports, abi.TP_PORTS_MAX),
+                           ("tp_cidrs", maps.cidrs, abi.TP_CIDRS_MAX),
+                           ("tp_ns_addrs", maps.ns_addrs, abi.TP_NS_ADDRS_MAX)):
+        if not need[name]:
+            continue
+        used = sum(1 for _ in m.keys())
+        if used + need[name] > limit:
+            raise InstallError(f"{name} is full: this configuration needs {need[name]} "
+                               f"entries and {used} of {limit} are in use by the registered "
+                               "namespaces; shorten its port or IP lists (ranges and CIDRs "
+                               "instead of single values) or uninstall unused namespaces")
 
 
 def _addresses_of(maps, cookie):

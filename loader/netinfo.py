@@ -72,6 +72,13 @@ def default_instance_ips():
 KUMA_LO_V6 = "::6"   # Envoy binds ::6 as the source of its IPv6 inbound passthrough
 
 
+def has_lo_address(address=KUMA_LO_V6):
+    with IPRoute() as ipr:
+        lo = [ln["index"] for ln in ipr.get_links() if ln["flags"] & IFF_LOOPBACK][0]
+        return any(a.get_attr("IFA_ADDRESS") == address
+                   for a in ipr.get_addr(family=10, index=lo))
+
+
 def ensure_lo_address(address=KUMA_LO_V6, prefixlen=128):
     """Add address/128 to lo, as Kuma does, unless it is there.
     Returns (added by this call, a warning if it could not be added)."""

@@ -18,10 +18,9 @@ import contextlib
 import ctypes as ct
 import json
 import os
-import shutil
 import time
 
-from . import __version__, abi, bpfsys, probe, programs, seams
+from . import __version__, abi, bpfsys, pinfs, probe, programs, seams
 
 ROOT_DIR = "ebpf-tproxy"
 NODE_DIR = "node"
@@ -172,7 +171,7 @@ def ensure_loaded(paths, progress=None):
 
 
 def _build(paths, old_meta, progress):
-    os.makedirs(paths.maps, exist_ok=True)
+    pinfs.makedirs(paths.bpffs, paths.maps)
     _log(progress, "probing kernel features")
     try:
         features = list(probe.build_features(probe.probe_hooks(learn_cookie=False)))
@@ -205,8 +204,8 @@ def _build(paths, old_meta, progress):
                 _log(progress, f"warning: {prog.hook} unavailable, so {prog.missing_means}")
         swapped = _swap_links(paths, fds, progress)
         try:
-            shutil.rmtree(new_dir, ignore_errors=True)   # a failed attempt's
-            os.makedirs(new_dir)
+            pinfs.rmtree(new_dir, ignore_errors=True)   # a failed attempt's
+            pinfs.makedirs(paths.bpffs, new_dir)
             for name, fd in fds.items():
                 bpfsys.obj_pin(fd, os.path.join(new_dir, name))
             _attach_accel(paths, fds)
@@ -224,7 +223,7 @@ def _build(paths, old_meta, progress):
                         _attach_accel(paths, {"sk_msg_accel": old})
                     finally:
                         os.close(old)
-            shutil.rmtree(new_dir, ignore_errors=True)
+            pinfs.rmtree(new_dir, ignore_errors=True)
             raise
         finally:
             for _, old_fd in swapped:
@@ -237,7 +236,7 @@ def _build(paths, old_meta, progress):
         bpf.cleanup()
     for d in paths.prog_dirs():   # the previous build's pins: its links now run ours
         if d != os.path.basename(new_dir):
-            shutil.rmtree(os.path.join(paths.node, d), ignore_errors=True)
+            pinfs.rmtree(os.path.join(paths.node, d), ignore_errors=True)
     loaded = Loaded(fds, meta, built=True)
     _attach_everywhere(paths, loaded, progress)
     _log(progress, f"node program set {digest} loaded and pinned")
@@ -430,7 +429,7 @@ def _link_missing(paths, loaded, cg_id, cgroup_path, progress):
     (detached again if one fails)."""
     created = []
     d = paths.cgroup_links(cg_id)
-    os.makedirs(d, exist_ok=True)
+    pinfs.makedirs(paths.bpffs, d)
     cg_fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for prog in _cgroup_programs(loaded):
@@ -481,7 +480,7 @@ def attach_netns(paths, loaded, name, netns_inode, progress=None):
     pin = paths.netns_link(name)
     if _still_linked(pin, netns_inode):
         return []
-    os.makedirs(os.path.dirname(pin), exist_ok=True)
+    pinfs.makedirs(paths.bpffs, os.path.dirname(pin))
     ns_fd = os.open("/proc/self/ns/net", os.O_RDONLY)
     try:
         _link_and_pin(loaded.fd("sk_lookup_inbound"), ns_fd, bpfsys.SK_LOOKUP, pin)
@@ -540,7 +539,7 @@ def remove(paths):
         detach([pin])
         removed.append(f"link {os.path.relpath(pin, paths.node)}")
     if os.path.isdir(paths.node):
-        shutil.rmtree(paths.node)
+        pinfs.rmtree(paths.node)
         removed.append(paths.node)
     with contextlib.suppress(OSError):
         os.rmdir(paths.root)   # only if nothing else is left

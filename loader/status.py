@@ -4,7 +4,7 @@ links only (no compiler); namespaces found deleted are removed on the way (lifec
 import ctypes as ct
 import os
 
-from . import abi, bpfsys, kernel, listeners, namespace, node
+from . import abi, bpfsys, kernel, listeners, namespace, node, pinfs
 from .node import NodePaths
 
 # Rough kernel bytes per element (struct htab_elem and allocator rounding; an LPM trie
@@ -54,6 +54,7 @@ def status(bpffs, name=None):
     paths = NodePaths(bpffs)
     if not kernel.is_bpffs(bpffs) or not os.path.isdir(paths.root):
         return []
+    pinfs.check_tree(paths.bpffs, paths.root)   # nothing read from a tree others can write
     out = []
     for legacy in paths.legacy_instances():
         if name and legacy != name:

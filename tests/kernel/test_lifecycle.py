@@ -16,9 +16,10 @@ from .residue import cgroup_attachments, pins, snapshot, wait_back_to
 LS = [sys.executable, "-m", "loader.lab.servers"]
 
 
-def status(lab):
+def status(lab, rc=0):
+    """status --output json; rc 1 when it reports a problem."""
     r = lab.tproxy("status", "--output", "json")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == rc, (r.returncode, r.stdout, r.stderr)
     return json.loads(r.stdout)
 
 
@@ -146,7 +147,7 @@ def _killed_mid_install(lab):
 def test_loader_killed_mid_install_then_install_recovers(lab):
     listeners(lab)
     _killed_mid_install(lab)
-    st = status(lab)
+    st = status(lab, rc=1)
     assert st and st[0]["problems"], st   # the half-done instance is visible as such
     install(lab)
     assert status(lab)[0]["problems"] == []
@@ -234,7 +235,9 @@ def test_recreated_cgroup_is_reported_and_reinstall_reattaches(lab):
         install(lab, "--ebpf-cgroup-path", cg, "--name", "re")
         os.rmdir(cg)          # the kernel detaches the links of a removed cgroup
         os.mkdir(cg)
-        st = json.loads(lab.tproxy("status", "--name", "re", "--output", "json").stdout)[0]
+        r = lab.tproxy("status", "--name", "re", "--output", "json")
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        st = json.loads(r.stdout)[0]
         assert any("detached" in p for p in st["problems"]), st["problems"]
         install(lab, "--ebpf-cgroup-path", cg, "--name", "re")
         st = json.loads(lab.tproxy("status", "--name", "re", "--output", "json").stdout)[0]

@@ -27,7 +27,7 @@ EVERY_KEY = {
         "vnet": {"networks": []},
     },
     "ebpf": {"enabled": True, "instanceIP": "", "instanceIPEnvVarName": "",
-             "bpffsPath": "/sys/fs/bpf", "cgroupPath": "", "tcAttachIface": "eth0",
+             "bpffsPath": "/sys/fs/bpf", "cgroupPath": "/sys/fs/cgroup", "tcAttachIface": "eth0",
              "programsSourcePath": "/tmp/kuma-ebpf",
              "accelerate": True},   # ebpf-tproxy's own key (docs/kuma-compatibility.md)
     "retry": {"maxRetries": 5, "sleepBetweenRetries": "3s"},
