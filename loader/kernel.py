@@ -163,6 +163,8 @@ def ensure_bpffs(path):
         fcntl.flock(fd, fcntl.LOCK_EX)
         if is_bpffs(path):
             return False
+        from . import seams
+        seams.hold("before-mount")
         libc = ct.CDLL(None, use_errno=True)
         if libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, b"mode=0700") != 0:
             err = ct.get_errno()

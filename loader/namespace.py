@@ -52,6 +52,13 @@ def dns_servers(settings):
 
 def plan(settings: Settings, local_nets, instance_ips, cgroup_path, netns_cookie):
     """Everything install would write, as data (printed by --dry-run, stored as meta)."""
+    local_nets = set(local_nets)
+    if settings.ipv6:
+        # Install adds Kuma's ::6/128 to lo (rule 4c) after recording that it will: it is
+        # one of the namespace's addresses from the start, whether there yet or not.
+        local_nets.add(f"{netinfo.KUMA_LO_V6}/128")
+    local_nets = sorted(local_nets, key=lambda n: (ipaddress.ip_network(n).version,
+                                                   ipaddress.ip_network(n)))
     ip4 = settings.instance_ip4 or instance_ips[0]
     ip6 = settings.instance_ip6 or instance_ips[1]
     nets = [ipaddress.ip_network(n) for n in local_nets]
