@@ -32,13 +32,13 @@
  * the tests do to show what a full table does. */
 #ifndef TP_CONN_MAX
 #define TP_CONN_MAX 262144
+#endif
 /* Shared by every namespace: a namespace's update writes its new generation before the old
  * one goes, so one namespace may use at most half (config.py and namespace.py check both
  * before anything is written). */
-#define TP_PORTS_MAX 1048576 /* tp_ports: one entry per port, kind and generation */
-#define TP_CIDRS_MAX 1048576 /* tp_cidrs: one entry per CIDR, kind and generation */
+#define TP_PORTS_MAX 1048576    /* tp_ports: one entry per port, kind and generation */
+#define TP_CIDRS_MAX 1048576    /* tp_cidrs: one entry per CIDR, kind and generation */
 #define TP_NS_ADDRS_MAX 65536    /* tp_ns_addrs: the namespaces' own addresses */
-#endif
 #define TP_SO_ORIGINAL_DST 80    /* SO_ORIGINAL_DST and IP6T_SO_ORIGINAL_DST */
 
 /* tp_config.flags */

@@ -5,7 +5,7 @@ every namespace) or plant a symlink that root's uninstall would follow. So:
   - a bpffs install mounts is mounted mode 0700 (the kernel's default is 1777);
   - every directory of ours is created 0700 and owned by root, whatever the umask;
   - before install, status or uninstall reads or writes anything, the whole tree is
-    checked: every entry owned by root, no directory writable by group or others, no
+    checked: every entry owned by root (or by the user running us, if not root), no directory writable by group or others, no
     symlink; the mount point itself owned by root and, if others may write in it, sticky
     (as /tmp: then nobody else can rename or remove our directory). Anything else is
     refused with one line naming the path, and nothing is changed;
@@ -31,7 +31,8 @@ def _refuse(path, why):
 def _check_entry(path, st, top=False):
     if stat.S_ISLNK(st.st_mode):
         _refuse(path, "it is a symlink")
-    if st.st_uid != 0:
+    # root, or the user running us (with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)
+    if st.st_uid not in (0, os.geteuid()):
         _refuse(path, f"it is owned by uid {st.st_uid}, not root")
     writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
     if stat.S_ISDIR(st.st_mode) and writable and not (top and st.st_mode & stat.S_ISVTX):

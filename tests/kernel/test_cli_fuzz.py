@@ -155,7 +155,8 @@ def test_status_and_uninstall_of_any_name_never_crash(untouched, cmd, name, bpff
 def test_the_fuzzer_reaches_the_refusals(seed_dir):
     """The property is not vacuous: the seed cases are refused with exit 2 and one line."""
     for argv in (["--kuma-dp-user=²"], ["--netns="], ["--name=a.b"],
-                 ["--config", str(seed_dir / "bomb.yaml")]):
+                 ["--ebpf-bpffs-path=/nonexistent"], ["--ebpf-cgroup-path="],
+                 ["--redirect-outbound-port=８０"], ["--config", str(seed_dir / "bomb.yaml")]):
         r = runner.invoke(cli.main, ["install", "--dry-run", *argv])
         assert r.exit_code == 2 and "ebpf-tproxy: error: " in r.output, (argv, r.output)
     assert len(FLAGS) > 30 and "--kuma-dp-user" in FLAGS   # the flags were found

@@ -266,3 +266,35 @@ def test_namespaces_on_a_parent_and_a_child_cgroup_each_get_their_own_answers(la
         assert line.startswith("out ") and f"orig={REMOTE_IP4}:8000 " in line, (cg, line)
     st = {e["name"]: e for e in json.loads(lab.tproxy("status", "--output", "json").stdout)}
     assert set(st) == {"default", "inner"} and not any(e["problems"] for e in st.values())
+
+
+def test_seventy_thousand_excluded_cidrs_install_and_a_full_map_is_named(lab, tmp_path):
+    """Issue 17: 70,000 excluded CIDRs failed with 'No space left on device' (exit 1). They
+    fit; and a registration that would overfill a shared map is refused by name before
+    anything is written (the first namespace keeps capturing as it was)."""
+    import yaml
+    listeners(lab)
+    many = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32" for i in range(70_000)]
+    f = tmp_path / "many.yaml"
+    f.write_text(yaml.safe_dump({"redirect": {"outbound": {
+        "excludePortsForIPs": many + [f"{REMOTE_IP4}/32"]}}}))
+    install(lab, "--config", str(f))
+    assert reached(lab, REMOTE_IP4, 8000)["line"].startswith("remote ")   # excluded: direct
+    # Half of tp_cidrs per namespace at most; two such namespaces cannot both fit.
+    half = [f"11.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32" for i in range(500_000)]
+    g = tmp_path / "half.json"   # JSON: a long list parses in a fraction of YAML's time
+    g.write_text(json.dumps({"redirect": {"outbound": {"excludePortsForIPs": half}}}))
+    other = pod_netns(lab)
+    r = lab.tproxy("install", "--kuma-dp-user", DP_USER, "--name", "big", "--netns",
+                   f"/run/netns/{other}", "--redirect-inbound=false", "--config", str(g),
+                   netns=False)
+    assert r.returncode == 0, r.stderr
+    third = pod_netns(lab)
+    before = {e["name"] for e in json.loads(lab.tproxy("status", "--output", "json").stdout)}
+    r = lab.tproxy("install", "--kuma-dp-user", DP_USER, "--name", "bigger", "--netns",
+                   f"/run/netns/{third}", "--redirect-inbound=false", "--config", str(g),
+                   netns=False)
+    one_line_refusal(r, "tp_cidrs is full: this configuration needs 500", code=1)
+    after = {e["name"] for e in json.loads(lab.tproxy("status", "--output", "json").stdout)}
+    assert before == after == {"default", "big"}
+    assert reached(lab, REMOTE_IP4, 8000)["line"].startswith("remote ")

@@ -105,6 +105,10 @@ def test_ports_nested_deep(tmp_path):
     deep = b"redirect: {outbound: {excludePorts: " + b"[" * 5000 + b"22" + b"]" * 5000 + b"}}\n"
     with pytest.raises(ConfigError, match="nested too deep|list inside a list"):
         config.load([write(tmp_path, "c.yaml", deep)], environ={})
+    deep_json = b'{"redirect": {"outbound": {"excludePorts": ' + b"[" * 5000 + b"22" + \
+        b"]" * 5000 + b"}}}"
+    with pytest.raises(ConfigError, match="nested too deep|list inside a list"):
+        config.load([write(tmp_path, "c.json", deep_json)], environ={})
     shallow = b"redirect: {outbound: {excludePorts: [[22]]}}\n"
     with pytest.raises(ConfigError, match="list inside a list"):
         config.load([write(tmp_path, "d.yaml", shallow)], environ={})
