@@ -28,6 +28,22 @@ PYTHON = sys.executable
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _make_root_only(tree):
+    """Unlink the symlinks in tree, give every other entry to root, mode 0700 or less."""
+    if os.path.islink(tree):
+        os.unlink(tree)
+        return
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            if os.path.islink(p):
+                os.unlink(p)
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for p in [dirpath] + [os.path.join(dirpath, f) for f in filenames]:
+            os.chown(p, 0, 0, follow_symlinks=False)
+            os.chmod(p, 0o700 if os.path.isdir(p) else 0o600)
+
+
 def sh(*cmd, check=True, **kw):
     return subprocess.run(cmd, check=check, capture_output=True, text=True, **kw)
 
@@ -242,8 +258,14 @@ class Lab:
         if self.bpffs:
             if kernel.is_bpffs(self.bpffs):
                 # Detach whatever an aborted test left attached, then drop the mount.
-                from .. import lifecycle
-                lifecycle.uninstall(self.bpffs, everything=True)
+                from .. import lifecycle, pinfs
+                try:
+                    lifecycle.uninstall(self.bpffs, everything=True)
+                except pinfs.UnsafeTree:
+                    # A test planted another user's directory or a symlink and failed
+                    # before removing it: do what the refusal tells the operator to do.
+                    _make_root_only(os.path.join(self.bpffs, "ebpf-tproxy"))
+                    lifecycle.uninstall(self.bpffs, everything=True)
                 sh("umount", self.bpffs, check=False)
             shutil.rmtree(self.bpffs, ignore_errors=True)
             self.bpffs = None
