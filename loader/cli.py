@@ -48,7 +48,7 @@ def enter_netns(netns):
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)   # a FIFO must not block us
     except OSError as e:
         fail(f"--netns: cannot open {path} ({e.strerror}); give a network namespace")
     try:
