@@ -149,6 +149,30 @@ def install(lab, *args, ok=True):
     return r
 
 
+def killed_at(lab, step):
+    """An install of the lab's namespace stopped at a seam step (EBPF_TPROXY_TEST_PAUSE)
+    and killed there with SIGKILL, as a loader dies mid-way."""
+    import signal
+    import subprocess
+    p = subprocess.Popen(
+        [sys.executable, "-m", "loader.cli", "install", "--kuma-dp-user", DP_USER,
+         "--netns", lab.app_ns, "--ebpf-bpffs-path", lab.bpffs, "--ebpf-cgroup-path",
+         lab.cgroup], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        env=dict(lab.env(), EBPF_TPROXY_TEST_PAUSE=step))
+    try:
+        # Read until the pause is announced (or install ends without reaching it: EOF).
+        seen = []
+        for line in p.stderr:
+            seen.append(line)
+            if f"paused at {step}" in line:
+                break
+        assert seen and f"paused at {step}" in seen[-1], "".join(seen)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        p.stderr.close()
+
+
 def reached(lab, host, port, user=APP_UID, bind=None, ns=None, close_at_once=False):
     """Which listener a connect() from the app (as user) reached: the reply line."""
     import json

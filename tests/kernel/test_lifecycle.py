@@ -2,7 +2,6 @@
 without a gap, a loader killed mid-install is recovered, uninstall leaves zero residue."""
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -10,7 +9,8 @@ import pytest
 
 from loader.lab import REMOTE_IP4
 
-from .conftest import CGROUP_HOOKS, DP_UID, DP_USER, install, listeners, reached
+from .conftest import (CGROUP_HOOKS, DP_UID, DP_USER, install, killed_at, listeners,
+                       reached)
 from .residue import cgroup_attachments, pins, snapshot, wait_back_to
 
 LS = [sys.executable, "-m", "loader.lab.servers"]
@@ -124,29 +124,9 @@ def test_update_in_place_has_no_gap(lab):
         assert {k.gen for k in maps.cidrs.keys()} == {gen}
 
 
-def _killed_mid_install(lab):
-    p = subprocess.Popen(
-        [sys.executable, "-m", "loader.cli", "install", "--kuma-dp-user", DP_USER,
-         "--netns", lab.app_ns, "--ebpf-bpffs-path", lab.bpffs, "--ebpf-cgroup-path",
-         lab.cgroup], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-        env=dict(lab.env(), EBPF_TPROXY_TEST_PAUSE="after-link"))
-    try:
-        # Read until the pause is announced (or install ends without reaching it: EOF).
-        seen = []
-        for line in p.stderr:
-            seen.append(line)
-            if "paused at after-link" in line:
-                break
-        assert "paused at after-link" in seen[-1], "".join(seen)
-    finally:
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        p.stderr.close()
-
-
 def test_loader_killed_mid_install_then_install_recovers(lab):
     listeners(lab)
-    _killed_mid_install(lab)
+    killed_at(lab, "after-link")
     st = status(lab, rc=1)
     assert st and st[0]["problems"], st   # the half-done instance is visible as such
     install(lab)
@@ -158,7 +138,7 @@ def test_loader_killed_mid_install_then_install_recovers(lab):
 def test_loader_killed_mid_install_then_uninstall_recovers(lab):
     listeners(lab)
     before = snapshot()
-    _killed_mid_install(lab)
+    killed_at(lab, "after-link")
     r = lab.tproxy("uninstall")
     assert r.returncode == 0, r.stderr
     assert cgroup_attachments(lab.cgroup) == []

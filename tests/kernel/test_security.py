@@ -5,7 +5,6 @@ mounted with the kernel's default mode 1777, or an empty directory install mount
 everything is removed afterwards, also when a test fails."""
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from loader import kernel
 from loader.lab import REMOTE_IP4
 from loader.node import NodePaths
 
-from .conftest import DP_USER, install, listeners, pod_netns, reached
+from .conftest import DP_USER, install, killed_at, listeners, pod_netns, reached
 from .residue import cgroup_attachments, pins, snapshot, wait_back_to
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
@@ -193,31 +192,12 @@ def lo_has_v6_6(lab):
     return "inet6 ::6/128" in r.stdout
 
 
-def _killed_after_lo_address(lab):
-    p = subprocess.Popen(
-        [sys.executable, "-m", "loader.cli", "install", "--kuma-dp-user", DP_USER,
-         "--netns", lab.app_ns, "--ebpf-bpffs-path", lab.bpffs, "--ebpf-cgroup-path",
-         lab.cgroup], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-        env=dict(lab.env(), EBPF_TPROXY_TEST_PAUSE="after-lo-address"))
-    try:
-        seen = []
-        for line in p.stderr:
-            seen.append(line)
-            if "paused at after-lo-address" in line:
-                break
-        assert seen and "paused at after-lo-address" in seen[-1], "".join(seen)
-    finally:
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        p.stderr.close()
-
-
 @pytest.mark.parametrize("then", ["uninstall", "install-then-uninstall"])
 def test_loader_killed_after_adding_lo_address_leaves_nothing(lab, then):
     listeners(lab)
     before = snapshot()
     assert not lo_has_v6_6(lab)
-    _killed_after_lo_address(lab)
+    killed_at(lab, "after-lo-address")
     assert lo_has_v6_6(lab)
     r = lab.tproxy("status", "--output", "json")
     assert r.returncode == 1, (r.stdout, r.stderr)   # a problem, said with a non-zero exit
