@@ -339,7 +339,7 @@ def check(maps, settings: Settings, p):
                            "namespace; inbound capture finds a namespace by the address a "
                            "connection arrives at, so each needs its own (or install with "
                            "--redirect-inbound=false)")
-    _check_room(maps, settings, p)
+    _check_room(maps, settings, p, regs)
     ns_index = (mine or {}).get("ns_index")
     return ns_index if ns_index is not None else _free_index(regs)
 
@@ -352,15 +352,21 @@ def entry_counts(settings, p):
             "tp_ns_addrs": len(c["tp_ns_addrs"])}
 
 
-def _check_room(maps, settings, p):
+def _check_room(maps, settings, p, regs):
     """The shared maps must hold this namespace's new generation beside everything already
     there (its old generation goes only after the switch): said now, by name, rather than
-    as ENOSPC halfway through."""
+    as ENOSPC halfway through. Each description records its entry counts, so the maps are
+    only walked when even twice every namespace's count (a generation left by a killed
+    install) plus this one's would not fit: never on a node of ordinary configurations."""
     need = entry_counts(settings, p)
+    p["map_entries"] = need
     for name, m, limit in (("tp_ports", maps.ports, abi.TP_PORTS_MAX),
                            ("tp_cidrs", maps.cidrs, abi.TP_CIDRS_MAX),
                            ("tp_ns_addrs", maps.ns_addrs, abi.TP_NS_ADDRS_MAX)):
         if not need[name]:
+            continue
+        bound = sum(2 * (r.get("map_entries") or {}).get(name, limit) for r in regs.values())
+        if bound + need[name] <= limit:
             continue
         used = sum(1 for _ in m.keys())
         if used + need[name] > limit:
