@@ -77,22 +77,22 @@ def check_bpffs_path(path):
                           "point, or a directory to mount one on (default /sys/fs/bpf)")
 
 
-def _bpffs_arg(ctx, param, value):
-    try:
-        path = config.parse_path(value, "--ebpf-bpffs-path")
-        check_bpffs_path(path)
-    except ConfigError as e:
-        fail(str(e))
-    return path
-
-
-def _name_arg(ctx, param, value):
-    if value is not None:
+def _checked(check):
+    """A click callback: the value through check (a ConfigError is one line, exit 2)."""
+    def callback(ctx, param, value):
+        if value is None:
+            return None
         try:
-            config.check_name(value)
+            return check(value, "--" + param.name.replace("_", "-"))
         except ConfigError as e:
             fail(str(e))
-    return value
+    return callback
+
+
+def _bpffs_path(value, what):
+    path = config.parse_path(value, what)
+    check_bpffs_path(path)
+    return path
 
 
 def need_privileges():
@@ -246,7 +246,7 @@ def with_options(options):
 
 
 bpffs_option = click.option("--ebpf-bpffs-path", default="/sys/fs/bpf", show_default=True,
-                            callback=_bpffs_arg,
+                            callback=_checked(_bpffs_path),
                             help="bpffs mount holding the node program set's pins.")
 output_option = click.option("--output", type=click.Choice(["table", "json"]), default="table",
                              show_default=True)
@@ -266,19 +266,11 @@ def main():
     """
 
 
-def _path_arg(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return config.parse_path(value, "--" + param.name.replace("_", "-"))
-    except ConfigError as e:
-        fail(str(e))
-
-
 @main.command()
-@click.option("--ebpf-cgroup-path", callback=_path_arg, help="cgroup the install would target.")
+@click.option("--ebpf-cgroup-path", callback=_checked(config.parse_path),
+              help="cgroup the install would target.")
 @click.option("--ebpf-bpffs-path", default="/sys/fs/bpf", show_default=True,
-              callback=_path_arg, help="bpffs mount install would use.")
+              callback=_checked(config.parse_path), help="bpffs mount install would use.")
 @output_option
 def check(ebpf_cgroup_path, ebpf_bpffs_path, output):
     """Check that install can succeed here: kernel, mounts, privileges, BCC, hooks.
@@ -408,7 +400,8 @@ def _size(n):
 
 
 @main.command()
-@click.option("--name", callback=_name_arg, help="Only this namespace's registration.")
+@click.option("--name", callback=_checked(config.check_name),
+              help="Only this namespace's registration.")
 @bpffs_option
 @output_option
 def status(name, ebpf_bpffs_path, output):
@@ -508,7 +501,8 @@ def status(name, ebpf_bpffs_path, output):
 
 
 @main.command()
-@click.option("--name", default="default", show_default=True, callback=_name_arg)
+@click.option("--name", default="default", show_default=True,
+              callback=_checked(config.check_name))
 @click.option("--all", "all_", is_flag=True, help="Every namespace, and the node program set.")
 @bpffs_option
 def uninstall(name, all_, ebpf_bpffs_path):

@@ -176,25 +176,31 @@ ENV_NAMES = {env_name(p): p for p in LEAVES}
 
 # ----------------------------------------------------------------------------- parsers
 
+def _scalars(value, what):
+    """The items of a list, or the value itself: Kuma's lists are one level of scalars, so
+    a list or mapping inside one (YAML nesting thousands deep) is refused here."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    for v in items:
+        if isinstance(v, dict):
+            raise ConfigError(f"{what}: a mapping where a value or list belongs; give a value, "
+                              "a list or a comma string")
+        if isinstance(v, (list, tuple)):
+            raise ConfigError(f"{what}: a list inside a list; give one flat list of values "
+                              "(or a comma string)")
+    return items
+
+
 def _split(value, what="value"):
-    """A list given as a list (of scalars: one level, as Kuma's schema has), a comma string
-    or a single value."""
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        out = []
-        for v in value:
-            if isinstance(v, (list, tuple, dict)):
-                raise ConfigError(f"{what}: a list inside a list; give one flat list of "
-                                  "values (or a comma string)")
-            out.extend(_split(v, what))
-        return out
-    if isinstance(value, dict):
-        raise ConfigError(f"{what}: a mapping where a value or list belongs; give a value, "
-                          "a list or a comma string")
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [str(value)]
-    return [p.strip() for p in str(value).split(",") if p.strip()]
+    """A list given as a list, a comma string or a single value."""
+    out = []
+    for v in _scalars(value, what):
+        if v is None:
+            continue
+        if isinstance(v, int) and not isinstance(v, bool):
+            out.append(str(v))
+        else:
+            out.extend(p.strip() for p in str(v).split(",") if p.strip())
+    return out
 
 
 _ASCII_UINT = re.compile(r"[0-9]+")
@@ -345,7 +351,7 @@ def parse_leaf(kind, value, what):
     if kind == "cidrs":
         return parse_cidrs(value, what)
     if kind == "uidrules":
-        return [r.describe() for r in (parse_uid_rule(t, what) for t in _split_rules(value))]
+        return [r.describe() for r in (parse_uid_rule(t, what) for t in _split_rules(value, what))]
     if kind == "strs":
         return _split(value, what)
     if kind == "int":
@@ -396,23 +402,14 @@ def parse_path(value, what):
     return os.path.normpath(s)
 
 
-def _split_rules(value):
+def _split_rules(value, what):
     """uid rules contain commas inside an entry (ports lists), so entries are only split
     on ';' (annotation style) or given as a list; a flag gives one entry per use."""
-    if isinstance(value, (list, tuple)):
-        out = []
-        for v in value:
-            if isinstance(v, (list, tuple, dict)):
-                raise ConfigError("redirect.outbound.excludePortsForUIDs: a list inside a "
-                                  "list; give one flat list of entries")
-            out.extend(_split_rules(v))
-        return out
-    if isinstance(value, dict):
-        raise ConfigError("redirect.outbound.excludePortsForUIDs: a mapping where entries "
-                          "belong; give a list of [proto:][ports:]uids strings")
-    if value is None or str(value).strip() == "":
-        return []
-    return [p.strip() for p in str(value).split(";") if p.strip()]
+    out = []
+    for v in _scalars(value, what):
+        if v is not None:
+            out.extend(p.strip() for p in str(v).split(";") if p.strip())
+    return out
 
 
 # ------------------------------------------------------------------------ the layers
@@ -464,13 +461,34 @@ def read_bounded(path, limit, what, fix):
     except (OSError, ValueError) as e:
         why = getattr(e, "strerror", None) or str(e)
         raise ConfigError(f"{what}: cannot read it ({why}); {fix}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):   # before fdopen, which refuses a directory
+        os.close(fd)
+        raise ConfigError(f"{what}: not a regular file; {fix}")
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigError(f"{what}: not a regular file; {fix}")
         data = f.read(limit + 1)
     if len(data) > limit:
         raise ConfigError(f"{what}: larger than {limit // 1024} KiB; {fix}")
     return data
+
+
+def _parse_document(text, where):
+    if text.lstrip().startswith("{"):
+        # JSON (what tools write): parsed as such, fifty times faster than YAML's pure
+        # Python loader on a long list; anything json refuses goes on to YAML.
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass
+    loader = _KumaLoader(text)
+    loader._where = where
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{where}: does not parse as YAML or JSON{at}; fix the syntax") from None
+    finally:
+        loader.dispose()
 
 
 def read_config_file(name, stdin=None):
@@ -491,27 +509,10 @@ def read_config_file(name, stdin=None):
         raise ConfigError(f"{where}: not UTF-8 (byte {e.start}); save it as UTF-8") from None
     if "\x00" in text:
         raise ConfigError(f"{where}: contains a NUL byte; {fix}")
-    if text.lstrip().startswith("{"):
-        # JSON (what tools write): parsed as such, fifty times faster than YAML's pure
-        # Python loader on a long list; anything json refuses goes on to YAML.
-        try:
-            return _flatten(json.loads(text) or {}, where=where)
-        except ValueError:
-            pass
-        except RecursionError:
-            raise ConfigError(f"{where}: nested too deep to be a Kuma config; fix it") from None
-    loader = _KumaLoader(text)
-    loader._where = where
     try:
-        doc = loader.get_single_data()
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{where}: does not parse as YAML or JSON{at}; fix the syntax") from None
+        doc = _parse_document(text, where)
     except RecursionError:
         raise ConfigError(f"{where}: nested too deep to be a Kuma config; fix it") from None
-    finally:
-        loader.dispose()
     return _flatten(doc or {}, where=where)
 
 
@@ -548,11 +549,8 @@ def merge(layers):
 
 
 def _has_nul(value):
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, (list, tuple)):
-        return any(isinstance(v, str) and "\x00" in v for v in value)
-    return False
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return any(isinstance(v, str) and "\x00" in v for v in items)
 
 
 def _label(path, where):

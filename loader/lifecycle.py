@@ -121,15 +121,16 @@ def _acceleration(settings, loaded, p, progress):
     return settings
 
 
-def _add_lo_address(maps, settings, p, existing, fresh):
+def _add_lo_address(maps, settings, p, existing, adding):
     """Kuma adds ::6/128 to lo for Envoy's IPv6 passthrough source (rule 4c); so do we.
-    What install is about to add is recorded in the namespace's description first, so that
-    uninstall removes it even if this loader is killed right after adding it (and never
-    removes an address that was there before). Returns True if this call added it."""
-    if not settings.ipv6 or netinfo.has_lo_address():
+    What install is about to add is recorded in the namespace's description first (a
+    fresh one's, written by the caller with p["added_lo_address"] set; an existing one's,
+    rewritten here), so that uninstall removes it even if this loader is killed right after
+    adding it, and never removes an address that was there before. Returns True if this
+    call added it."""
+    if not adding:
         return False
-    p["added_lo_address"] = True
-    if not fresh and not existing.get("added_lo_address"):
+    if existing and not existing.get("added_lo_address"):
         maps.write_meta(settings.name, dict(existing, added_lo_address=True))
     added, problem = netinfo.ensure_lo_address()
     seams.pause("after-lo-address")
@@ -159,7 +160,8 @@ def _install_locked(settings, cgroup_path, paths, loaded, progress):
                 f"{settings.name!r} belongs to another network namespace (inode "
                 f"{existing.get('netns_inode')}); uninstall it first or choose another "
                 "--name")
-        p["added_lo_address"] = bool((existing or {}).get("added_lo_address"))
+        adding_lo = settings.ipv6 and not netinfo.has_lo_address()
+        p["added_lo_address"] = bool(adding_lo or (existing or {}).get("added_lo_address"))
         settings = _acceleration(settings, loaded, p, progress)
         if settings.inbound_enabled and "sk_lookup_inbound" not in loaded:
             prog = next(pr for pr in node.programs.PROGRAMS if pr.name == "sk_lookup_inbound")
@@ -169,11 +171,10 @@ def _install_locked(settings, cgroup_path, paths, loaded, progress):
         fresh = existing is None
         if fresh:
             # Visible (and undone by uninstall) should this loader die from here on.
-            p["added_lo_address"] = settings.ipv6 and not netinfo.has_lo_address()
             maps.write_meta(settings.name, _described(p, complete=False))
         created, switch, added_lo = [], None, False
         try:
-            added_lo = _add_lo_address(maps, settings, p, existing, fresh)
+            added_lo = _add_lo_address(maps, settings, p, existing, adding_lo)
             p["attached_at"], created = node.ensure_attached(paths, loaded, cgroup_path,
                                                              progress)
             # Every namespace gets its sk_lookup link where the kernel has sk_lookup, inbound

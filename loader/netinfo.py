@@ -72,21 +72,26 @@ def default_instance_ips():
 KUMA_LO_V6 = "::6"   # Envoy binds ::6 as the source of its IPv6 inbound passthrough
 
 
+def _lo_index(ipr):
+    return [ln["index"] for ln in ipr.get_links() if ln["flags"] & IFF_LOOPBACK][0]
+
+
+def _on_lo(ipr, lo, address):
+    return any(a.get_attr("IFA_ADDRESS") == address for a in ipr.get_addr(family=10, index=lo))
+
+
 def has_lo_address(address=KUMA_LO_V6):
     with IPRoute() as ipr:
-        lo = [ln["index"] for ln in ipr.get_links() if ln["flags"] & IFF_LOOPBACK][0]
-        return any(a.get_attr("IFA_ADDRESS") == address
-                   for a in ipr.get_addr(family=10, index=lo))
+        return _on_lo(ipr, _lo_index(ipr), address)
 
 
 def ensure_lo_address(address=KUMA_LO_V6, prefixlen=128):
     """Add address/128 to lo, as Kuma does, unless it is there.
     Returns (added by this call, a warning if it could not be added)."""
     with IPRoute() as ipr:
-        lo = [ln["index"] for ln in ipr.get_links() if ln["flags"] & IFF_LOOPBACK][0]
-        for a in ipr.get_addr(family=10, index=lo):
-            if a.get_attr("IFA_ADDRESS") == address:
-                return False, None
+        lo = _lo_index(ipr)
+        if _on_lo(ipr, lo, address):
+            return False, None
         try:
             ipr.addr("add", index=lo, address=address, prefixlen=prefixlen)
         except Exception as e:   # pyroute2's NetlinkError: IPv6 disabled in this namespace
@@ -97,7 +102,7 @@ def ensure_lo_address(address=KUMA_LO_V6, prefixlen=128):
 
 def remove_lo_address(address=KUMA_LO_V6, prefixlen=128):
     with IPRoute() as ipr:
-        lo = [ln["index"] for ln in ipr.get_links() if ln["flags"] & IFF_LOOPBACK][0]
+        lo = _lo_index(ipr)
         try:
             ipr.addr("del", index=lo, address=address, prefixlen=prefixlen)
         except Exception:   # already gone: nothing to do

@@ -5,8 +5,9 @@ every namespace) or plant a symlink that root's uninstall would follow. So:
   - a bpffs install mounts is mounted mode 0700 (the kernel's default is 1777);
   - every directory of ours is created 0700 and owned by root, whatever the umask;
   - before install, status or uninstall reads or writes anything, the whole tree is
-    checked: every entry owned by root (or by the user running us, if not root), no directory writable by group or others, no
-    symlink; the mount point itself owned by root and, if others may write in it, sticky
+    checked: every entry owned by root (or by the user running us, if not root), no
+    directory writable by group or others, no symlink; the mount point itself owned by
+    root and, if others may write in it, sticky
     (as /tmp: then nobody else can rename or remove our directory). Anything else is
     refused with one line naming the path, and nothing is changed;
   - directories are walked without following symlinks (O_NOFOLLOW) and removed with

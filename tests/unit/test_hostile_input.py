@@ -131,7 +131,7 @@ def test_a_scalar_alias_is_fine(tmp_path):
     assert s.dp_uid == 65534
 
 
-@pytest.mark.parametrize("path", ["/dev/zero", "/dev/null", "/proc/self/fd/0"])
+@pytest.mark.parametrize("path", ["/dev/zero", "/dev/null", "/proc/self"])
 def test_reads_are_of_regular_files_only(path):
     with pytest.raises(ConfigError, match="not a regular file|cannot read"):
         config.read_config_file(path)
