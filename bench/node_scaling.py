@@ -26,12 +26,16 @@ Measured side by side in one lab (its own bpffs, cgroup and namespaces):
   4. map memory per namespace, with N registered: status's map_memory_bytes (its estimate
      from entry counts): median total per namespace and one namespace's breakdown; beside
      it the node maps' bytes_memlock (bpftool) with 1 and with N registered.
+The CLI runs from bytecode, as `pip install .` leaves it (the run compiles loader/ first:
+under PYTHONDONTWRITEBYTECODE an editable install would otherwise compile every module on
+every command, ~40 ms that no installed copy pays).
 Written to bench/results/node-<date>.json; a short summary is printed.
 
 Overhead: with 250 namespaces ~5 minutes on 2 cores (250 installs and uninstalls of the
 CLI, 5 cold builds, 3 x reps x seconds of connect loop); lab addresses only.
 """
 import argparse
+import compileall
 import datetime
 import json
 import os
@@ -255,6 +259,7 @@ def run(args):
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "machine": bench.machine(), "namespaces": n, "reps": args.reps,
               "seconds": args.seconds, "install_flags": list(FLAGS), "targets": TARGETS}
+    result["bytecode"] = compileall.compile_dir(os.path.join(PROJECT, "loader"), quiet=1)
     with Lab("node") as lab:
         print("cold installs (BCC build into an empty bpffs)", flush=True)
         result["cold_install"] = cold_installs(lab, args.reps)

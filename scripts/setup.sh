@@ -126,3 +126,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
   touch "$stamp"
 fi
+# The package's bytecode, as `pip install .` leaves it: the CLI then starts without compiling
+# its modules, also where PYTHONDONTWRITEBYTECODE keeps Python from caching them (a warm
+# install is ~0.22 s instead of ~0.26 s). Only changed modules are compiled again.
+.venv/bin/python -m compileall -q loader >/dev/null

@@ -1,5 +1,6 @@
 """Kernel tests: real programs on real sockets, in lab namespaces and child cgroups made
 by each test and removed afterwards, also when the test fails (loader.lab.Lab.close)."""
+import contextlib
 import functools
 import os
 import sys
@@ -53,12 +54,20 @@ def conntrack(request):
     return getattr(request, "param", False)
 
 
+# make test-neighbours: every lab test (but those marked alone) in a node that already
+# serves other namespaces; make test does that for the NEIGHBOURS_TOO modules only.
+NEIGHBOURS_ALWAYS = os.environ.get("EBPF_TPROXY_TEST_NEIGHBOURS") == "1"
+
+
 @pytest.fixture
 def neighbours(request):
     """Whether the lab's node program set already serves other namespaces, each with
     settings of its own, when the test starts (a node of many pods). Modules that set
-    NEIGHBOURS_TOO = True run every lab test also that way."""
-    return getattr(request, "param", False)
+    NEIGHBOURS_TOO = True run every lab test also that way; under make test-neighbours
+    every test does, except those marked alone (they need the node set to themselves)."""
+    if hasattr(request, "param"):
+        return request.param
+    return NEIGHBOURS_ALWAYS and request.node.get_closest_marker("alone") is None
 
 
 @pytest.fixture
@@ -69,14 +78,22 @@ def lab(conntrack, neighbours):
         if not neighbours:
             yield lab
             return
-        sibling = lab.cgroup + "-neighbours"
-        os.mkdir(sibling)
-        try:
-            add_neighbours(lab, sibling)
+        with serving_neighbours(lab):
             yield lab
-        finally:
-            lab.close()   # uninstalls everything first, then the cgroup can go
-            os.rmdir(sibling)
+
+
+@contextlib.contextmanager
+def serving_neighbours(lab):
+    """The lab's node set made to serve three other namespaces first (add_neighbours), all
+    removed with the lab."""
+    sibling = lab.cgroup + "-neighbours"
+    os.mkdir(sibling)
+    try:
+        add_neighbours(lab, sibling)
+        yield lab
+    finally:
+        lab.close()   # uninstalls everything first, then the cgroup can go
+        os.rmdir(sibling)
 
 
 NEIGHBOUR_SETTINGS = (

@@ -15,6 +15,7 @@ Deliberate differences (README, "Differences from iptables"), normalized here:
     orig= is compared only where the proxy accepted the connection.
 The eBPF side runs twice, in a clean lab and in one with conntrack active.
 """
+import contextlib
 import itertools
 import json
 import os
@@ -26,7 +27,7 @@ import pytest
 from loader import config, iptables_oracle
 from loader.lab import APP_IP4, APP_IP6, REMOTE_IP4, REMOTE_IP6, Lab
 
-from .conftest import DP_UID, DP_USER, OTHER_UID, sh_in
+from .conftest import DP_UID, DP_USER, NEIGHBOURS_ALWAYS, OTHER_UID, serving_neighbours, sh_in
 
 LS = [sys.executable, "-m", "loader.lab.servers"]
 USERS = [0, DP_UID, OTHER_UID]
@@ -139,7 +140,8 @@ def test_ebpf_and_iptables_decide_every_connection_alike(name, flags):
     s = settings_for(flags)
     # iptables needs conntrack for its NAT anyway; eBPF is run with and without it (on
     # hosts with Docker or kube-proxy it is active, and answers SO_ORIGINAL_DST too).
-    with Lab("ipt") as ipt, Lab("ebpf") as ebpf, Lab("ebct", conntrack=True) as ebct:
+    with Lab("ipt") as ipt, Lab("ebpf") as ebpf, Lab("ebct", conntrack=True) as ebct, \
+            contextlib.ExitStack() as stack:
         # Kuma adds ::6/128 to lo in dual-stack mode; ebpf-tproxy install does the same.
         if s.ipv6:
             ipt.ip(ipt.app_ns, "-6", "addr", "add", "::6/128", "dev", "lo")
@@ -151,6 +153,8 @@ def test_ebpf_and_iptables_decide_every_connection_alike(name, flags):
         want = run_attempts(ipt)
         got = {}
         for lab in (ebpf, ebct):
+            if NEIGHBOURS_ALWAYS:
+                stack.enter_context(serving_neighbours(lab))
             start_services(lab)
             r = lab.tproxy("install", "--config",
                            config_file(dict(flags, kumaDPUser=DP_USER)))
