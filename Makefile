@@ -1,7 +1,7 @@
 # ebpf-tproxy. Run as root on Debian/Ubuntu: `make demo`, `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-unit test-kernel test-no-accelerate differential bench kernels \
+.PHONY: setup demo test test-unit test-kernel test-no-accelerate test-neighbours differential bench kernels \
 	kernels-ci clean
 
 setup:
@@ -23,6 +23,12 @@ test-kernel: setup
 # var): on by default where the kernel supports it, so make test runs it accelerated.
 test-no-accelerate: setup
 	KUMA_TRANSPARENT_PROXY_EBPF_ACCELERATE=false $(PY) -m pytest -ra tests/kernel
+
+# The kernel suite with every lab test inside a node that already serves three other
+# namespaces with other settings (make test does that for the behaviour modules only;
+# tests marked alone need the node set to themselves and run as usual).
+test-neighbours: setup
+	EBPF_TPROXY_TEST_NEIGHBOURS=1 $(PY) -m pytest -ra tests/kernel
 
 # Every combination of a few Kuma settings, iptables vs eBPF (make test runs one at a time).
 differential: setup

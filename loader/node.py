@@ -463,11 +463,15 @@ def ensure_attached(paths, loaded, cgroup_path, progress=None):
     cg_id = os.stat(cgroup_path).st_ino
     if covering is not None and covering[0] != cg_id:
         return covering[1], []
-    created = _link_missing(paths, loaded, cg_id, cgroup_path, progress)
+    # Recorded before the first link: a loader killed while linking leaves an attach point
+    # that uninstall finds (and detaches when no namespace uses it), not links nobody knows.
+    new = covering is None
+    _record_attach_point(paths, cg_id, cgroup_path)
     try:
-        _record_attach_point(paths, cg_id, cgroup_path)
+        created = _link_missing(paths, loaded, cg_id, cgroup_path, progress)
     except BaseException:
-        detach(created)
+        if new:
+            _record_attach_point(paths, cg_id, None)
         raise
     return cgroup_path, created
 
@@ -481,7 +485,7 @@ def attach_netns(paths, loaded, name, netns_inode, progress=None):
     if _still_linked(pin, netns_inode):
         return []
     pinfs.makedirs(paths.bpffs, os.path.dirname(pin))
-    ns_fd = os.open("/proc/self/ns/net", os.O_RDONLY)
+    ns_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)   # the agent's threads too
     try:
         _link_and_pin(loaded.fd("sk_lookup_inbound"), ns_fd, bpfsys.SK_LOOKUP, pin)
     finally:

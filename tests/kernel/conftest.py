@@ -96,6 +96,15 @@ def serving_neighbours(lab):
         os.rmdir(sibling)
 
 
+NEIGHBOUR = "zz-neighbour-"   # the names add_neighbours registers
+
+
+def own(names):
+    """The names (or status entries) of the test's own namespaces: not its neighbours'."""
+    return [n for n in names
+            if not (n if isinstance(n, str) else n["name"]).startswith(NEIGHBOUR)]
+
+
 NEIGHBOUR_SETTINGS = (
     ["--exclude-outbound-ports", "8000,8001", "--redirect-inbound=false"],
     ["--redirect-outbound-port", "15011", "--redirect-inbound-port", "15016",
@@ -124,7 +133,7 @@ def add_neighbours(lab, cgroup):
         ns = pod_netns(lab)
         r = lab.tproxy("install", *(["--kuma-dp-user", DP_USER]
                                     if "--kuma-dp-user" not in args else []),
-                       *args, "--name", f"zz-neighbour-{i}", "--netns", f"/run/netns/{ns}",
+                       *args, "--name", f"{NEIGHBOUR}{i}", "--netns", f"/run/netns/{ns}",
                        "--ebpf-cgroup-path", cgroup, netns=False)
         assert r.returncode == 0, r.stderr
     from . import residue

@@ -47,6 +47,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(lab):
     assert wait_back_to(before) == {}
 
 
+@pytest.mark.alone("status and uninstall of a node with no namespace registered")
 def test_status_without_instances(lab):
     r = lab.tproxy("status")
     assert r.returncode == 0 and "no namespace registered" in r.stdout

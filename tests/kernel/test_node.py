@@ -14,7 +14,7 @@ import pytest
 from loader import abi
 from loader.lab import REMOTE_IP4
 
-from .conftest import CGROUP_HOOKS, DP_USER, install, listeners, pod_netns, reached
+from .conftest import CGROUP_HOOKS, DP_USER, install, listeners, own, pod_netns, reached
 from .residue import bpftool, cgroup_attachments, pins, snapshot, wait_back_to
 
 # A destination routed out of each extra namespace's own veth pair (nothing answers
@@ -23,9 +23,10 @@ FAR = "198.51.100.77"
 
 
 def status(lab, name=None):
+    """status's entries for the test's own namespaces (not a neighbours lab's)."""
     r = lab.tproxy("status", "--output", "json", *(["--name", name] if name else []))
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    return own(json.loads(r.stdout))
 
 
 pod = pod_netns

@@ -117,6 +117,7 @@ def test_every_reuseport_listener_is_registered_and_one_closing_loses_nothing(la
 
 @pytest.mark.parametrize("conntrack", [pytest.param(False, marks=CI), True],
                          ids=["clean", "conntrack"], indirect=True)
+@pytest.mark.alone("its node set is built with a table of 4 (EBPF_TPROXY_TEST_CONN_MAX)")
 def test_a_full_connection_table_is_counted_and_never_answers_wrong(lab, conntrack):
     # A table of 4 and handshakes held in flight: the proxy accepts one connection (backlog
     # 0) and nothing more until told, so later SYNs wait in the handshake with their

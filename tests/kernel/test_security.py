@@ -15,7 +15,7 @@ from loader import kernel
 from loader.lab import REMOTE_IP4
 from loader.node import NodePaths
 
-from .conftest import DP_USER, install, killed_at, listeners, pod_netns, reached
+from .conftest import DP_USER, install, killed_at, listeners, own, pod_netns, reached
 from .residue import cgroup_attachments, pins, snapshot, wait_back_to
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
@@ -132,6 +132,7 @@ def test_two_first_installs_at_once_mount_bpffs_once(lab, own_bpffs):
     assert mounts_at(own_bpffs) == 0
 
 
+@pytest.mark.alone("plants directories where the node set's tree is made: before it exists")
 def test_directories_planted_by_another_user_are_refused(lab):
     """The lab's bpffs is mode 1777 (the kernel's default): nobody may make directories in
     it. Install must not put root's pins into them."""
@@ -159,6 +160,7 @@ def test_directories_planted_by_another_user_are_refused(lab):
     assert reached(lab, REMOTE_IP4, 8000)["line"].startswith("out ")
 
 
+@pytest.mark.alone("plants a symlink where the node set's tree is made: before it exists")
 def test_a_planted_symlink_is_never_followed(lab, tmp_path):
     listeners(lab)
     victim = tmp_path / "victim"
@@ -244,7 +246,8 @@ def test_namespaces_on_a_parent_and_a_child_cgroup_each_get_their_own_answers(la
         r = lab.py("connect", REMOTE_IP4, "8000", in_cgroup=cg)
         line = json.loads(r.stdout)["line"]
         assert line.startswith("out ") and f"orig={REMOTE_IP4}:8000 " in line, (cg, line)
-    st = {e["name"]: e for e in json.loads(lab.tproxy("status", "--output", "json").stdout)}
+    entries = own(json.loads(lab.tproxy("status", "--output", "json").stdout))
+    st = {e["name"]: e for e in entries}
     assert set(st) == {"default", "inner"} and not any(e["problems"] for e in st.values())
 
 
@@ -270,11 +273,13 @@ def test_seventy_thousand_excluded_cidrs_install_and_a_full_map_is_named(lab, tm
                    netns=False)
     assert r.returncode == 0, r.stderr
     third = pod_netns(lab)
-    before = {e["name"] for e in json.loads(lab.tproxy("status", "--output", "json").stdout)}
+    before = {e["name"] for e in own(json.loads(lab.tproxy("status", "--output",
+                                                              "json").stdout))}
     r = lab.tproxy("install", "--kuma-dp-user", DP_USER, "--name", "bigger", "--netns",
                    f"/run/netns/{third}", "--redirect-inbound=false", "--config", str(g),
                    netns=False)
     one_line_refusal(r, "tp_cidrs is full: this configuration needs 500", code=1)
-    after = {e["name"] for e in json.loads(lab.tproxy("status", "--output", "json").stdout)}
+    after = {e["name"] for e in own(json.loads(lab.tproxy("status", "--output",
+                                                             "json").stdout))}
     assert before == after == {"default", "big"}
     assert reached(lab, REMOTE_IP4, 8000)["line"].startswith("remote ")
