@@ -152,6 +152,54 @@ def map_info(map_fd):
             "value_size": info.value_size, "max_entries": info.max_entries}
 
 
+class _ProgInfo(ct.Structure):
+    """struct bpf_prog_info up to the run statistics (uapi/linux/bpf.h; run_time_ns and
+    run_cnt since 5.1, counted only while bpf_stats is enabled)."""
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("tag", ct.c_uint8 * 8),
+                ("skip1", ct.c_uint8 * 36),          # prog lengths, insns, load_time, uid
+                ("nr_map_ids", ct.c_uint32), ("map_ids", ct.c_uint64),
+                ("name", ct.c_char * 16),
+                ("skip2", ct.c_uint8 * 112),         # ifindex .. prog_tags (offsets 80-191)
+                ("run_time_ns", ct.c_uint64), ("run_cnt", ct.c_uint64)]
+
+
+def prog_info(prog_fd):
+    """{id, name, run_time_ns, run_cnt} of a program."""
+    info = _ProgInfo()
+    ln = ct.c_uint32(ct.sizeof(info))
+    _check(libbpf().bpf_obj_get_info_by_fd(prog_fd, ct.byref(info), ct.byref(ln)),
+           "bpf_obj_get_info_by_fd")
+    return {"id": info.id, "name": info.name.decode(errors="replace"),
+            "run_time_ns": info.run_time_ns, "run_cnt": info.run_cnt}
+
+
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0
+
+
+def enable_stats():
+    """Count run time and runs of every BPF program for as long as the returned fd is open
+    (BPF_ENABLE_STATS, 5.8): unlike the kernel.bpf_stats_enabled sysctl, nothing is left
+    on when its holder dies. Raises BpfError where the kernel lacks it."""
+    attr = (ct.c_uint32 * 2)(BPF_STATS_RUN_TIME, 0)
+    libc = ct.CDLL(None, use_errno=True)
+    fd = libc.syscall(SYS_BPF[os.uname().machine], BPF_ENABLE_STATS, ct.byref(attr),
+                      ct.sizeof(attr))
+    if fd < 0:
+        e = ct.get_errno()
+        raise BpfError(e, f"BPF_ENABLE_STATS: {os.strerror(e)}")
+    return fd
+
+
+def stats_enabled():
+    """Whether run statistics are being counted system-wide by the sysctl."""
+    try:
+        with open("/proc/sys/kernel/bpf_stats_enabled") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
 class PinnedMap:
     """A pinned map opened by path, for reading and writing from userspace (status,
     uninstall, config updates) without compiling anything."""
@@ -247,6 +295,7 @@ def netns_cookie():
 
 
 SYS_MEMBARRIER = {"x86_64": 324, "aarch64": 283}
+SYS_BPF = {"x86_64": 321, "aarch64": 280}
 MEMBARRIER_CMD_GLOBAL = 1
 
 

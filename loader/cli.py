@@ -9,10 +9,11 @@ import sys
 
 import click
 
-from . import config, kernel, lifecycle, namespace, node, seams
+from . import config, kernel, lifecycle, namespace, netns, node, seams, store
 from .config import ConfigError
 
 EXIT_BAD_INPUT = 2
+STATE_DIR_ENV = "EBPF_TPROXY_STATE_DIR"   # --state-dir of install, uninstall and agent
 EXIT_FAILED = 1
 
 
@@ -25,49 +26,29 @@ def progress(msg):
     click.echo(f"  - {msg}", err=True)
 
 
-def enter_netns(netns):
+def enter_netns(value):
     """--netns: act on a named network namespace (or a /proc/PID/ns/net path) without
     `ip netns exec`, which remounts /sys and hides the cgroup2 and bpffs mounts."""
-    if netns is None:
+    if value is None:
         return
-    if not netns.strip():
-        fail("--netns: empty; give a name in /run/netns or a path such as /proc/PID/ns/net, "
-             "or leave it out for the namespace this command runs in")
-    if "/" in netns:
-        path = netns
-        if not path.startswith("/"):
-            fail(f"--netns: {netns!r} is relative; give a name in /run/netns or an absolute "
-                 "path such as /proc/PID/ns/net")
-    elif netns in (".", ".."):
-        fail(f"--netns: {netns!r} is not a namespace name; give a name in /run/netns")
-    else:
-        path = f"/run/netns/{netns}"
-    if not os.path.exists(path):
-        fail(f"--netns: {path} does not exist; create it with 'ip netns add' or give a path "
-             "such as /proc/PID/ns/net")
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)   # a FIFO must not block us
-    except OSError as e:
-        fail(f"--netns: cannot open {path} ({e.strerror}); give a network namespace")
-    try:
-        if libc.setns(fd, 0x40000000) != 0:   # CLONE_NEWNET
-            fail(f"--netns: cannot enter {path}: {os.strerror(ctypes.get_errno())}")
-    finally:
-        os.close(fd)
+        netns.enter(netns.resolve(value))
+    except ConfigError as e:
+        fail(str(e))
 
 
-def resolve_cgroup(path):
-    root = kernel.cgroup2_mount()
-    if root is None:
-        raise ConfigError("no cgroup2 mount found in /proc/self/mounts; mount one "
-                          "(mount -t cgroup2 none /sys/fs/cgroup/unified) and retry")
-    path = path or root   # absolute, without . or .. (config.parse_path)
-    if not kernel.is_cgroup2(path) or os.path.islink(path):
-        raise ConfigError(f"--ebpf-cgroup-path: {path} is not a directory in the cgroup2 "
-                          f"mount; give a cgroup under {root}")
-    return path
+def _netns_to_store(value):
+    """The path the store keeps for the namespace install acts on (--store)."""
+    if value is not None:
+        return store.stable_netns_path(netns.resolve(value))
+    here = netns.current_inode()
+    if here == netns.inode_of(netns.HOST):
+        return netns.HOST
+    found = netns.find(here)
+    if found and found.startswith("/run/netns/"):
+        return found
+    raise ConfigError("--store: this network namespace has no name in /run/netns, so the "
+                      "agent could not find it again; pass --netns with its path")
 
 
 def check_bpffs_path(path):
@@ -153,7 +134,13 @@ KUMA_OPTIONS = [
     click.option("--vnet", multiple=True, help="(refused: not implemented)"),
     # iptables-only switches: accepted so Kuma invocations keep working; each prints what
     # it means here.
-    bool_option("--store-firewalld", "(iptables only: not applicable to eBPF)"),
+    bool_option("--store", "Keep this configuration in the agent's store (--state-dir): "
+                "the agent applies it again after a reboot or a crash. Kuma's "
+                "--store-firewalld means the same here."),
+    bool_option("--store-firewalld", "Same as --store (Kuma's name: firewalld keeps "
+                "iptables rules across reboots)."),
+    click.option("--state-dir", default=None, metavar="DIR", envvar=STATE_DIR_ENV,
+                 help=f"The agent's store (default /var/lib/ebpf-tproxy; env {STATE_DIR_ENV})."),
     bool_option("--redirect-inbound-insert-instead-of-append", "(iptables only)"),
     bool_option("--redirect-outbound-insert-instead-of-append", "(iptables only)"),
     bool_option("--skip-dns-conntrack-zone-split", "(iptables only)"),
@@ -199,6 +186,7 @@ FLAG_PATHS = {
     "ebpf_accelerate": "ebpf.accelerate",
     "vnet": "redirect.vnet.networks",
     "store_firewalld": "storeFirewalld",
+    "store": "storeFirewalld",
     "redirect_inbound_insert_instead_of_append": "redirect.inbound.insertRedirectInsteadOfAppend",
     "redirect_outbound_insert_instead_of_append":
         "redirect.outbound.insertRedirectInsteadOfAppend",
@@ -348,11 +336,20 @@ def install(**kw):
         warnings += namespace.dns_servers(settings)[1]
         for w in warnings:
             click.echo(f"ebpf-tproxy: note: {w}", err=True)
-        cgroup = resolve_cgroup(settings.cgroup_path)
+        cgroup = kernel.resolve_cgroup(settings.cgroup_path)
         check_bpffs_path(settings.bpffs_path)
+        state_dir = config.parse_path(kw["state_dir"] or store.DEFAULT_STATE_DIR,
+                                      "--state-dir")
+        store.check_dir(state_dir)
     except ConfigError as e:
         fail(str(e))
     enter_netns(kw["netns"])
+    stored_as = None
+    if settings.store and not settings.dry_run:
+        try:
+            stored_as = _netns_to_store(kw["netns"])
+        except ConfigError as e:
+            fail(str(e))
     verbose = settings.verbose
     if settings.dry_run:
         from . import bpfsys, netinfo
@@ -385,6 +382,17 @@ def install(**kw):
         fail(f"install failed and was rolled back: {e}", EXIT_FAILED)
     for w in p.get("warnings", []):
         click.echo(f"ebpf-tproxy: warning: {w}", err=True)
+    try:
+        if stored_as:
+            store.save(state_dir, settings.name, stored_as, settings)
+        elif store.forget(state_dir, settings.name):
+            # The store must say what is installed: the agent applies it again.
+            click.echo(f"ebpf-tproxy: note: {settings.name!r} is no longer stored (installed "
+                       "without --store); the agent will not apply it after a reboot",
+                       err=True)
+    except (ConfigError, OSError) as e:
+        fail(f"installed {settings.name!r}, but the store in {state_dir} could not be "
+             f"updated: {e}", EXIT_FAILED)
     inbound = (f", inbound TCP from other hosts -> port {settings.inbound_port}"
                if settings.inbound_enabled else "")
     click.echo(f"installed {settings.name!r} (network namespace {p['netns_cookie']}, node "
@@ -505,7 +513,10 @@ def status(name, ebpf_bpffs_path, output):
               callback=_checked(config.check_name))
 @click.option("--all", "all_", is_flag=True, help="Every namespace, and the node program set.")
 @bpffs_option
-def uninstall(name, all_, ebpf_bpffs_path):
+@click.option("--state-dir", default=store.DEFAULT_STATE_DIR, show_default=True,
+              envvar=STATE_DIR_ENV, callback=_checked(config.parse_path),
+              help="The agent's store: the namespaces' stored configurations go too.")
+def uninstall(name, all_, ebpf_bpffs_path, state_dir):
     """Remove one namespace's registration (the others keep capturing); with the last one,
     or --all, the node program set goes too: links, programs, maps and pins. Safe to run
     twice.
@@ -518,8 +529,12 @@ def uninstall(name, all_, ebpf_bpffs_path):
     need_privileges()
     try:
         names = lifecycle.list_names(ebpf_bpffs_path) if all_ else [name]
+        store.check_dir(state_dir)
         removed = lifecycle.uninstall(ebpf_bpffs_path, None if all_ else name,
                                       everything=all_)
+        for n in (store.names(state_dir) if all_ else [name]):
+            if store.forget(state_dir, n):
+                removed.append(f"stored configuration of {n!r}")
     except ConfigError as e:
         fail(str(e))
     except (node.InstallError, OSError) as e:
@@ -527,6 +542,82 @@ def uninstall(name, all_, ebpf_bpffs_path):
     which = ", ".join(repr(n) for n in names) or "everything"
     click.echo(f"uninstalled {which}: removed {len(removed)} objects" if removed
                else f"nothing to uninstall for {which}")
+
+
+@main.command()
+@bpffs_option
+@click.option("--state-dir", default=store.DEFAULT_STATE_DIR, show_default=True,
+              envvar=STATE_DIR_ENV, callback=_checked(config.parse_path),
+              help="Where stored configurations live (install --store writes them).")
+@click.option("--metrics-address", default="127.0.0.1:9590", show_default=True,
+              help="HOST:PORT for /metrics (Prometheus), /healthz and /readyz; '' for none.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="One line per event on stderr; json for collectors.")
+@click.option("--install-unit", is_flag=True,
+              help="Write the systemd unit running this agent with these options, and exit.")
+@click.option("--remove-unit", is_flag=True, help="Remove that unit file, and exit.")
+@click.option("--unit-dir", default=None, metavar="DIR",
+              help="Where --install-unit/--remove-unit write (default /etc/systemd/system).")
+def agent(ebpf_bpffs_path, state_dir, metrics_address, log_format, install_unit, remove_unit,
+          unit_dir):
+    """Run the node agent: load the node program set once, apply stored configurations
+    (after a reboot too), follow every registered namespace's addresses, remove namespaces
+    that disappeared, reload on SIGHUP, serve metrics and health. Capture never depends on
+    it: stop, restart or kill it at any time.
+
+    \b
+    Example:
+      ebpf-tproxy agent                                  # in the foreground
+      ebpf-tproxy agent --log-format json --metrics-address 127.0.0.1:9590
+      ebpf-tproxy agent --install-unit && systemctl daemon-reload && \\
+          systemctl enable --now ebpf-tproxy-agent
+      curl -s 127.0.0.1:9590/metrics | grep ebpf_tproxy_decisions_total
+    SIGHUP (systemctl reload) re-reads the store; SIGTERM stops it (the node program set
+    goes too when no namespace is registered).
+    """
+    from . import agent as agent_mod, metrics, systemd
+    if install_unit and remove_unit:
+        fail("--install-unit and --remove-unit: choose one")
+    if install_unit or remove_unit:
+        d = unit_dir or systemd.UNIT_DIR
+        if not os.path.isdir(d):
+            fail(f"--unit-dir: {d} is not a directory; is systemd installed here?")
+        if remove_unit:
+            path = systemd.remove_unit(d)
+            click.echo(f"removed {path}" if path else f"no {systemd.UNIT_NAME} in {d}")
+            return
+        args = ["--ebpf-bpffs-path", ebpf_bpffs_path, "--state-dir", state_dir,
+                "--metrics-address", metrics_address, "--log-format", log_format]
+        path = systemd.install_unit(args, d)
+        click.echo(f"wrote {path}; start it with: systemctl daemon-reload && systemctl "
+                   f"enable --now {systemd.UNIT_NAME}")
+        return
+    try:
+        if metrics_address:
+            metrics.parse_address(metrics_address)
+        store.check_dir(state_dir)
+    except ConfigError as e:
+        fail(str(e))
+    ver = kernel.check_kernel_version()
+    if not ver.ok:
+        fail(f"{ver.detail}: {ver.fix}")
+    need_privileges()
+    try:
+        store.check_dir(state_dir, create=True)
+    except ConfigError as e:
+        fail(str(e))
+    log = agent_mod.Log(log_format)
+    a = agent_mod.Agent(ebpf_bpffs_path, state_dir, log, metrics_address or None)
+    try:
+        a.start()
+    except (ConfigError, agent_mod.AgentError) as e:
+        fail(str(e))
+    except (kernel.HostError, node.InstallError, OSError) as e:
+        fail(f"the agent could not start: {e}", EXIT_FAILED)
+    try:
+        a.run()
+    finally:
+        a.close()
 
 
 @main.command()

@@ -131,8 +131,6 @@ IPTABLES_ONLY = {
     "waitInterval": "not applicable to eBPF: there is no xtables lock",
     "dropInvalidPackets": "not applicable to eBPF: no NAT conntrack state, so no "
                           "INVALID packets to drop",
-    "storeFirewalld": "not applicable to eBPF: no firewalld rules are written (the "
-                      "programs stay attached until uninstall or reboot)",
     "cniMode": "not applicable: ebpf-tproxy is not a CNI plugin",
     "ebpf.tcAttachIface": "ignored: no tc program is used (sk_lookup covers every "
                           "interface of the namespace)",
@@ -634,6 +632,7 @@ class Settings:
     dry_run: bool
     accelerate: object   # None: auto (install resolves it to True/False), or True/False
     verbose: bool
+    store: bool = False  # storeFirewalld: kept in the agent's store (loader/store.py)
 
     def kuma_view(self):
         """The configuration in Kuma's camelCase terms (status, dry-run, meta); port lists
@@ -663,6 +662,7 @@ class Settings:
             "ebpf": {"instanceIP": ",".join(x for x in (self.instance_ip4, self.instance_ip6) if x),
                      "bpffsPath": self.bpffs_path, "cgroupPath": self.cgroup_path,
                      "accelerate": "auto" if self.accelerate is None else self.accelerate},
+            "storeFirewalld": self.store,
         }
 
 
@@ -782,7 +782,48 @@ def settings_from(values, name="default", environ=None):
         accelerate=values["ebpf.accelerate"],
         dry_run=values["dryRun"],
         verbose=values["verbose"],
+        store=values["storeFirewalld"],
     )
+
+
+def prune_view(view, prefix=""):
+    """A kuma_view without the empty values that mean "the default" (an empty path, IP or
+    user is refused when read back): a document settings_from_document reads."""
+    out = {}
+    for k, v in view.items():
+        path = prefix + k
+        if isinstance(v, dict):
+            out[k] = prune_view(v, path + ".")
+        elif not (v == "" and LEAVES.get(path, (None, ""))[1] in ("path", "ip", "user")):
+            out[k] = v
+    return out
+
+
+def document_of(settings):
+    """The configuration as a Kuma config document that settings_from_document reads back
+    to the same Settings."""
+    return prune_view(settings.kuma_view())
+
+
+def digest_of(settings):
+    """A digest of what the configuration captures (whether it is stored aside): install
+    records it, so the agent tells a stored configuration already in force without reading
+    back a description that shortens long lists."""
+    import hashlib
+    doc = document_of(settings)
+    doc.pop("storeFirewalld", None)
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def settings_from_document(doc, name, where):
+    """Settings from one parsed Kuma config document alone (the agent's stored ones): Kuma's
+    defaults below it, no environment, no flags; an unknown key is an error here, since
+    only this tool wrote it."""
+    vals, unknown = _flatten(doc, where=where)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; write it again with "
+                          "'ebpf-tproxy install --store'")
+    return settings_from(merge(Layers(files=[(where, vals)])), name=name, environ={})
 
 
 def load(config_sources=(), environ=None, flags=None, name="default", stdin=None):

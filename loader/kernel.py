@@ -11,6 +11,8 @@ import os
 import platform
 import re
 
+from .config import ConfigError
+
 CGROUP2_SUPER_MAGIC = 0x63677270
 BPF_FS_MAGIC = 0xCAFE4A11
 MIN_KERNEL = (5, 7)
@@ -26,6 +28,19 @@ class Check:
     detail: str
     fix: str = ""
     required: bool = True
+
+
+def resolve_cgroup(path):
+    """--ebpf-cgroup-path: the cgroup to attach at (default: the cgroup2 mount's root)."""
+    root = cgroup2_mount()
+    if root is None:
+        raise ConfigError("no cgroup2 mount found in /proc/self/mounts; mount one "
+                          "(mount -t cgroup2 none /sys/fs/cgroup/unified) and retry")
+    path = path or root   # absolute, without . or .. (config.parse_path)
+    if not is_cgroup2(path) or os.path.islink(path):
+        raise ConfigError(f"--ebpf-cgroup-path: {path} is not a directory in the cgroup2 "
+                          f"mount; give a cgroup under {root}")
+    return path
 
 
 class HostError(RuntimeError):

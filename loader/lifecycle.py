@@ -20,8 +20,8 @@ import fcntl
 import os
 import time
 
-from . import kernel, listeners, namespace, netinfo, node, pinfs, probe, seams
-from .config import NAME_RE, ConfigError, Settings, check_name
+from . import config, kernel, listeners, namespace, netinfo, netns, node, pinfs, probe, seams
+from .config import NAME_RE, Settings, check_name
 from .node import InstallError, NodePaths
 
 MOUNT_MARKER_DIR = "/run/ebpf-tproxy"
@@ -52,28 +52,10 @@ def install(settings: Settings, cgroup_path, progress=None):
     """Register the caller's network namespace (install or update in place). Returns the
     plan now in force."""
     paths = NodePaths(settings.bpffs_path)
-    mounted = kernel.ensure_bpffs(settings.bpffs_path)
-    if mounted:
-        os.makedirs(MOUNT_MARKER_DIR, mode=0o700, exist_ok=True)
-        open(_mount_marker(settings.bpffs_path), "w").close()
+    _mount_bpffs(settings.bpffs_path)
     try:
         with bpffs_lock(settings.bpffs_path):
-            pinfs.check_tree(paths.bpffs, paths.root)
-            legacy = paths.legacy_instances()
-            if legacy:
-                raise InstallError(
-                    f"{paths.root} holds {', '.join(repr(n) for n in legacy)} of an earlier "
-                    "layout (a program set per instance); run 'ebpf-tproxy uninstall --all' "
-                    "(it removes those too), then install again; their connections in flight "
-                    "lose their SO_ORIGINAL_DST answer")
-            other = paths.other_layouts_said()
-            if other:
-                # New maps could not hold the registrations the old ones do, nor answer the
-                # connections in flight: refuse rather than capture nothing silently.
-                raise InstallError(
-                    f"{other}: run 'ebpf-tproxy uninstall --all' with either version, then "
-                    "install each namespace again; connections in flight lose their "
-                    "SO_ORIGINAL_DST answer")
+            _refuse_other_layouts(paths)
             fresh_node = node.read_meta(paths) is None
             if not fresh_node:
                 # Before the set is loaded: what it decides (attach points, coverage) must
@@ -98,6 +80,125 @@ def install(settings: Settings, cgroup_path, progress=None):
         _maybe_unmount(settings.bpffs_path)   # after the lock: its fd keeps the mount busy
         raise
     return p
+
+
+def _mount_bpffs(bpffs):
+    if kernel.ensure_bpffs(bpffs):
+        os.makedirs(MOUNT_MARKER_DIR, mode=0o700, exist_ok=True)
+        open(_mount_marker(bpffs), "w").close()
+
+
+def _refuse_other_layouts(paths):
+    pinfs.check_tree(paths.bpffs, paths.root)
+    legacy = paths.legacy_instances()
+    if legacy:
+        raise InstallError(
+            f"{paths.root} holds {', '.join(repr(n) for n in legacy)} of an earlier "
+            "layout (a program set per instance); run 'ebpf-tproxy uninstall --all' "
+            "(it removes those too), then install again; their connections in flight "
+            "lose their SO_ORIGINAL_DST answer")
+    other = paths.other_layouts_said()
+    if other:
+        # New maps could not hold the registrations the old ones do, nor answer the
+        # connections in flight: refuse rather than capture nothing silently.
+        raise InstallError(
+            f"{other}: run 'ebpf-tproxy uninstall --all' with either version, then "
+            "install each namespace again; connections in flight lose their "
+            "SO_ORIGINAL_DST answer")
+
+
+def load_node(bpffs, progress=None):
+    """The node program set loaded (built if absent or from other sources) with no
+    namespace registered yet: what the agent does at start, so that no install compiles.
+    Returns True if it was built now."""
+    paths = NodePaths(bpffs)
+    _mount_bpffs(bpffs)
+    try:
+        with bpffs_lock(bpffs):
+            _refuse_other_layouts(paths)
+            fresh_node = node.read_meta(paths) is None
+            if not fresh_node:
+                remove_stale(paths, progress)
+            try:
+                loaded = node.ensure_loaded(paths, progress)
+            except BaseException:
+                if fresh_node:
+                    node.remove(paths)
+                raise
+            loaded.close()
+            return loaded.built
+    except BaseException:
+        _maybe_unmount(bpffs)
+        raise
+
+
+def release_node(bpffs):
+    """The agent's clean stop: with no namespace registered, the node set it loaded goes
+    (and a bpffs install mounted). Returns what was removed."""
+    paths = NodePaths(bpffs)
+    if not kernel.is_bpffs(bpffs):
+        return []
+    removed = []
+    with bpffs_lock(bpffs):
+        if node.read_meta(paths) is None or agent_running(bpffs):
+            return []
+        remove_stale(paths)
+        with namespace.NodeMaps(paths) as maps:
+            if maps.names():
+                return []
+        removed += node.remove(paths)
+        with contextlib.suppress(OSError):
+            os.rmdir(paths.root)
+    if _maybe_unmount(bpffs):
+        removed.append(f"bpffs mount at {bpffs} (mounted by install)")
+    return removed
+
+
+# --------------------------------------------------------------- the agent's presence
+
+def agent_lock_path(bpffs):
+    return os.path.join(MOUNT_MARKER_DIR, "agent-" + bpffs.strip("/").replace("/", "_")
+                        + ".lock")
+
+
+def hold_agent_lock(bpffs):
+    """The running agent's claim on a bpffs: an exclusive flock the kernel drops when the
+    agent dies, however it dies. Returns the fd to keep open, or None if another agent
+    holds it."""
+    os.makedirs(MOUNT_MARKER_DIR, mode=0o700, exist_ok=True)
+    fd = os.open(agent_lock_path(bpffs), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def drop_agent_lock(bpffs, fd):
+    """The agent's clean exit: its lock file goes (unlinked while still held, so no other
+    agent is holding the name meanwhile), then the claim."""
+    with contextlib.suppress(OSError):
+        os.unlink(agent_lock_path(bpffs))
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.rmdir(MOUNT_MARKER_DIR)
+
+
+def agent_running(bpffs):
+    """Whether an agent serves this bpffs now (holds its lock)."""
+    try:
+        fd = os.open(agent_lock_path(bpffs), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _acceleration(settings, loaded, p, progress):
@@ -149,6 +250,7 @@ def _install_locked(settings, cgroup_path, paths, loaded, progress):
     p = namespace.plan(settings, netinfo.local_networks(), netinfo.default_instance_ips(),
                        cgroup_path, cookie)
     p["netns_cookie_from"] = how
+    p["config_digest"] = config.digest_of(settings)   # as given: before auto is resolved
     with namespace.NodeMaps(paths) as maps:
         existing = maps.read_meta(settings.name)
         if existing and existing.get("cgroup") != cgroup_path:
@@ -226,12 +328,19 @@ def _described(p, **more):
 
 
 def detach_unused_cgroups(paths, maps):
-    """Detach the attach points no registered namespace is attached through."""
+    """Detach the attach points no registered namespace is attached through, and links
+    pinned for an attach point that was never recorded (a loader of an earlier version
+    killed between linking and recording)."""
     used = {m.get("attached_at") or m.get("cgroup") for m in maps.registrations().values()}
     removed = []
-    for cg_id, path in node.attach_points(paths).items():
+    points = node.attach_points(paths)
+    for cg_id, path in points.items():
         if path not in used:
             removed += node.remove_attach_point(paths, cg_id)
+    if os.path.isdir(paths.cgroups):
+        for d in os.listdir(paths.cgroups):
+            if d.isdigit() and int(d) not in points:
+                removed += node.remove_attach_point(paths, int(d))
     return removed
 
 
@@ -296,15 +405,13 @@ def _maybe_unmount(bpffs):
 
 def _remove_lo_address_in(inode):
     """Remove the ::6 install added to lo, in the namespace's own network namespace."""
-    import subprocess
     if inode is None or inode == namespace.netns_inode():
         netinfo.remove_lo_address()
         return [f"{netinfo.KUMA_LO_V6}/128 on lo (added by install)"]
-    path = namespace.netns_path(inode)
+    path = netns.find(inode)
     if path is None:
         return []   # the namespace is gone, and the address with it
-    subprocess.run(["nsenter", f"--net={path}", "ip", "-6", "addr", "del",
-                    f"{netinfo.KUMA_LO_V6}/128", "dev", "lo"], capture_output=True)
+    netns.run_in(path, netinfo.remove_lo_address)
     return [f"{netinfo.KUMA_LO_V6}/128 on lo of {path} (added by install)"]
 
 
@@ -368,12 +475,15 @@ def uninstall(bpffs, name=None, everything=False):
                         metas.append(m)
                         removed += namespace.unregister(maps, n)
                         removed += node.detach_netns(paths, n)
-                    left = maps.names()
-                    if left and removed:
+                    # No namespace left: the program set has no purpose, unless a running
+                    # agent keeps it loaded so that the next install does not compile
+                    # (--all: it goes).
+                    keep = bool(maps.names()) or (not everything and agent_running(bpffs))
+                    if keep and removed:
                         removed += detach_unused_cgroups(paths, maps)
             else:
-                left = []
-            if not left:   # no namespace left: the program set has no purpose
+                keep = False
+            if not keep:
                 removed += node.remove(paths)
         with contextlib.suppress(OSError):
             os.rmdir(paths.root)

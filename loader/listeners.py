@@ -35,8 +35,9 @@ def listening_inodes(port, loopback=False):
     loopback-only ones unless asked (sock_ops never registers those for inbound: they never
     receive connections from other hosts)."""
     out = {}
-    for path, key in (("/proc/net/tcp", abi.TP_LISTENER_V4), ("/proc/net/tcp6",
-                                                               abi.TP_LISTENER_V6)):
+    # thread-self: the calling thread's namespace (the agent enters one per thread).
+    for path, key in (("/proc/thread-self/net/tcp", abi.TP_LISTENER_V4),
+                      ("/proc/thread-self/net/tcp6", abi.TP_LISTENER_V6)):
         try:
             with open(path) as f:
                 next(f)

@@ -12,9 +12,8 @@ import contextlib
 import ctypes as ct
 import ipaddress
 import json
-import os
 
-from . import __version__, abi, bpfsys, kernel, netinfo, programs
+from . import __version__, abi, bpfsys, kernel, netinfo, netns, programs
 from .config import ConfigError, Settings, read_nameservers
 from .node import InstallError
 
@@ -25,8 +24,8 @@ def _log(progress, msg):
 
 
 def netns_inode():
-    """The caller's network namespace, as link info names it."""
-    return os.stat("/proc/self/ns/net").st_ino
+    """The calling thread's network namespace, as link info names it."""
+    return netns.current_inode()
 
 
 def dns_servers(settings):
@@ -485,17 +484,3 @@ def _clear_listener_row(pin, ns_index):
                 with contextlib.suppress(OSError):
                     sockmap.delete(ct.c_uint32(key))
 
-
-def netns_path(inode):
-    """A path to the network namespace with this inode: a name in /run/netns, or a
-    process living in it."""
-    candidates = [os.path.join("/run/netns", n) for n in sorted(os.listdir("/run/netns"))] \
-        if os.path.isdir("/run/netns") else []
-    candidates += [f"/proc/{pid}/ns/net" for pid in os.listdir("/proc") if pid.isdigit()]
-    for path in candidates:
-        try:
-            if os.stat(path).st_ino == inode:
-                return path
-        except OSError:
-            continue
-    return None

@@ -55,8 +55,9 @@ BPFTOOL=(bpftool)
 if ! has_pkg bpftool && has_pkg linux-tools-common; then
   BPFTOOL=(linux-tools-common "linux-tools-$rel")
 fi
+# prometheus: the agent's test scrapes it with a real one; systemd: systemd-analyze verify.
 PKGS=(python3-bpfcc python3-venv "${BPFTOOL[@]}" "$LIBBPF" iptables iproute2 util-linux haproxy
-      curl bind9-dnsutils)
+      curl bind9-dnsutils prometheus systemd)
 # make bench also needs a load generator, an HTTP server and a chart library.
 if [ "${1:-}" = "bench" ]; then
   PKGS+=(wrk nginx-light)

@@ -10,6 +10,7 @@ and hide the cgroup2 mount), through nsenter, which keeps the mounts. Everything
 made is removed by close(), also after a failure: processes killed, cgroup removed,
 namespaces deleted, bpffs unmounted.
 """
+import contextlib
 import os
 import pwd
 import shutil
@@ -61,6 +62,7 @@ class Lab:
             raise RuntimeError("no cgroup2 mount: the lab needs one")
         self.cgroup = os.path.join(root, f"ebpf-tproxy-{self.id}")
         self.bpffs = None
+        self.state_dir = None
         self.tmpdir = None
         self.procs = []
         self.veth = ("tpa" + self.id[-6:], "tpr" + self.id[-6:])
@@ -99,6 +101,9 @@ class Lab:
             self._enable_conntrack()
         os.mkdir(self.cgroup)
         self.bpffs = tempfile.mkdtemp(prefix="tp-bpffs-")
+        # The agent's store of the lab (EBPF_TPROXY_STATE_DIR in env()): the host's
+        # /var/lib/ebpf-tproxy is never read or written by a lab install or uninstall.
+        self.state_dir = tempfile.mkdtemp(prefix=f"tp-{self.id}-state-")
         sh("mount", "-t", "bpf", "bpf", self.bpffs)
 
     def _enable_conntrack(self):
@@ -217,6 +222,8 @@ class Lab:
     def env(self):
         env = dict(os.environ)
         env["PYTHONPATH"] = PROJECT_DIR + os.pathsep + env.get("PYTHONPATH", "")
+        if self.state_dir:
+            env["EBPF_TPROXY_STATE_DIR"] = self.state_dir
         return env
 
     def py(self, *args, **kw):
@@ -267,6 +274,12 @@ class Lab:
                     _make_root_only(os.path.join(self.bpffs, "ebpf-tproxy"))
                     lifecycle.uninstall(self.bpffs, everything=True)
                 sh("umount", self.bpffs, check=False)
+            # An agent killed in the lab leaves its (unlocked) lock file behind.
+            from .. import lifecycle
+            with contextlib.suppress(OSError):
+                os.unlink(lifecycle.agent_lock_path(self.bpffs))
+            with contextlib.suppress(OSError):
+                os.rmdir(lifecycle.MOUNT_MARKER_DIR)
             shutil.rmtree(self.bpffs, ignore_errors=True)
             self.bpffs = None
         for ns in (self.app_ns, self.remote_ns, *self.extra_ns):
@@ -275,6 +288,9 @@ class Lab:
         if self.tmpdir:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self.tmpdir = None
+        if self.state_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            self.state_dir = None
 
     def _kill_cgroup(self, cgroup):
         if not os.path.isdir(cgroup):

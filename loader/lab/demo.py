@@ -8,10 +8,13 @@ the lab down the same way.
 """
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import urllib.request
 
-from . import APP_IP4, REMOTE_IP4, REMOTE_IP6, Lab
+from . import APP_IP4, PYTHON, REMOTE_IP4, REMOTE_IP6, Lab
 
 DP_USER = "nobody"
 
@@ -34,6 +37,43 @@ def our_kernel_objects(lab):
     for root, dirs, files in os.walk(os.path.join(lab.bpffs, "ebpf-tproxy")):
         pins += dirs + files
     return links, pins
+
+
+def start_agent(lab):
+    """The node agent on the lab's bpffs, in this (the host's) namespace, its metrics on a
+    free loopback port; returns (process, metrics URL)."""
+    log_path = os.path.join(lab.tmpdir, "agent.log")
+    state = lab.state_dir
+    with open(log_path, "w") as log:
+        p = subprocess.Popen([PYTHON, "-m", "loader.cli", "agent", "--ebpf-bpffs-path",
+                              lab.bpffs, "--state-dir", state, "--metrics-address",
+                              "127.0.0.1:0"], stdout=subprocess.DEVNULL, stderr=log,
+                             env=lab.env(), start_new_session=True)
+    lab.procs.append(p)
+
+    def text():
+        with open(log_path) as f:
+            return f.read()
+
+    def started():
+        if p.poll() is not None:
+            raise RuntimeError(f"the agent exited: {text()}")
+        return " ready: " in text()
+    lab.wait_for(started, "the agent's ready line")
+    port = re.search(r"http://127\.0\.0\.1:(\d+)", text()).group(1)
+    print("  " + text().rstrip().replace("\n", "\n  "))
+    return p, f"http://127.0.0.1:{port}"
+
+
+def show_metrics(url, instance):
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        lines = r.read().decode().splitlines()
+    print(f"$ curl -s {url}/metrics | grep 'instance=\"{instance}\"' (non-zero)")
+    for ln in lines:
+        if f'instance="{instance}"' in ln and not ln.endswith(" 0.0"):
+            print("  " + ln)
+    with urllib.request.urlopen(url + "/healthz", timeout=10) as r:
+        print(f"$ curl -s {url}/healthz\n  {r.read().decode().strip()}")
 
 
 def run(pause=False):
@@ -64,7 +104,12 @@ def run(pause=False):
                  lab.run(["curl", "-sS", "-m", "5", f"http://{APP_IP4}:8080/"],
                          ns=lab.remote_ns, in_cgroup=False))
 
-            step("install capture (BCC compiles and loads the programs: a few seconds)")
+            step("the node agent starts: it loads the node program set once (BCC compiles: "
+                 "a few seconds), so that no install compiles")
+            lab.shared_file("demo", "")   # the lab's directory, for the agent's files
+            agent, metrics_url = start_agent(lab)
+
+            step("install capture (map writes only: the programs are loaded)")
             r = lab.tproxy("install", "--kuma-dp-user", DP_USER, "--verbose")
             show(f"ebpf-tproxy install --kuma-dp-user {DP_USER} --ebpf-cgroup-path "
                  f"{lab.cgroup} --netns {lab.app_ns}", r)
@@ -86,6 +131,8 @@ def run(pause=False):
 
             step("status")
             show("ebpf-tproxy status", lab.tproxy("status"))
+            step("the agent's Prometheus metrics for the demo's namespace")
+            show_metrics(metrics_url, "default")
             if pause:
                 input("\nPress Enter to uninstall and tear the lab down... ")
 
@@ -96,6 +143,9 @@ def run(pause=False):
             show(f"(remote) curl http://{APP_IP4}:8080/",
                  lab.run(["curl", "-sS", "-m", "5", f"http://{APP_IP4}:8080/"],
                          ns=lab.remote_ns, in_cgroup=False))
+            step("the agent stops: with no namespace registered, the node program set goes too")
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(timeout=60)
             links, pins = our_kernel_objects(lab)
             print(f"cgroup attachments left: {len(links)}; pins left: {len(pins)}")
         step("lab removed (namespaces, cgroup, bpffs mount): the host is as it was")

@@ -228,6 +228,26 @@ def cmd_connect(args):
     print(json.dumps({"line": line, "getpeername": peer}))
 
 
+def cmd_loop(args):
+    """Connect (and read the reply) again and again until a line or EOF on stdin: traffic
+    that goes on while something else happens. Prints {"results": {first word of each
+    reply, or the error: count}, "connections": n} at the end."""
+    stop = threading.Event()
+
+    def watch_stdin():
+        sys.stdin.readline()
+        stop.set()
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    results, n = {}, 0
+    print("ready", flush=True)
+    while not stop.is_set():
+        line, _ = connect_once(args.host, args.port)
+        kind = line.split()[0] if line and not line.startswith("ERROR") else (line or "EOF")
+        results[kind] = results.get(kind, 0) + 1
+        n += 1
+    print(json.dumps({"results": results, "connections": n}), flush=True)
+
+
 def cmd_connect_many(args):
     """Start a connection to each port in order, all at once (non-blocking), then read each
     one's reply line: {port: line}. For handshakes that are in flight together."""
@@ -502,6 +522,9 @@ def main(argv=None):
                    help="close right after connect(), before the peer could accept")
     p.add_argument("--bind-port", type=int, default=0, help="source port (with --bind)")
     p.add_argument("--fastopen", action="store_true", help="connect with TCP Fast Open")
+    p = sub.add_parser("loop")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
     p = sub.add_parser("connect-many")
     p.add_argument("host")
     p.add_argument("ports", type=int, nargs="+")
@@ -538,7 +561,8 @@ def main(argv=None):
     {"listen": cmd_listen, "proxy": cmd_proxy, "connect": cmd_connect,
      "validator": cmd_validator, "http": cmd_http, "echo": cmd_echo,
      "hold": cmd_hold, "transfer": cmd_transfer, "dns": cmd_dns, "query": cmd_query,
-     "probe": cmd_probe, "connect-many": cmd_connect_many, "workers": cmd_workers}[args.cmd](args)
+     "probe": cmd_probe, "connect-many": cmd_connect_many,
+     "loop": cmd_loop, "workers": cmd_workers}[args.cmd](args)
 
 
 if __name__ == "__main__":

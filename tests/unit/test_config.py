@@ -162,10 +162,12 @@ def test_iptables_only_switches_are_accepted_with_a_note():
         "redirect.outbound.insertRedirectInsteadOfAppend": "true"})
     assert settings.outbound_port == 15001
     text = "\n".join(notes)
-    for flag in ("--wait:", "--store-firewalld:", "--iptables-logs:",
+    for flag in ("--wait:", "--iptables-logs:",
                  "--redirect-outbound-insert-instead-of-append:"):
         assert flag in text, flag
-    assert len(notes) == 4
+    assert len(notes) == 3
+    # --store-firewalld means --store here: kept in the agent's store, no note.
+    assert settings.store and "--store-firewalld" not in text
 
 
 def test_redirect_all_dns_traffic_implies_dns():

@@ -1,0 +1,433 @@
+"""The node agent (`ebpf-tproxy agent`) as a real process on the lab's bpffs, with real
+netlink events, real traffic and a real Prometheus: addresses followed, stored namespaces
+brought back after the bpffs is emptied (a reboot), SIGKILL and SIGHUP under traffic with
+no connection lost, bad state files skipped, the node set kept for the next install.
+
+The agent runs in the lab's remote namespace (a stand-in for the node's own, so that its
+metrics listener and Prometheus stay inside the lab); it reaches every namespace by path,
+as it does on a node."""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from loader import netns
+from loader.lab import PYTHON, REMOTE_IP4
+
+from .conftest import DP_UID, DP_USER, listeners, pod_netns, reached
+
+LS = [sys.executable, "-m", "loader.lab.servers"]
+NEW_IP = "10.99.0.7"     # an address the test adds to the app namespace after install
+
+
+class Agent:
+    """One `ebpf-tproxy agent` process of the lab; its log in a file."""
+
+    def __init__(self, lab, state_dir, *extra):
+        self.lab, self.state_dir, self.extra = lab, state_dir, extra
+        self.log_path = os.path.join(lab.tmpdir, f"agent-{len(lab.procs)}.log")
+        self.proc = None
+        self.port = None
+
+    def start(self):
+        log = open(self.log_path, "w")
+        argv = [PYTHON, "-m", "loader.cli", "agent", "--ebpf-bpffs-path", self.lab.bpffs,
+                "--state-dir", self.state_dir, "--metrics-address", "127.0.0.1:0",
+                *self.extra]
+        self.proc = subprocess.Popen(self.lab.command(argv, ns=self.lab.remote_ns),
+                                     stdout=subprocess.DEVNULL, stderr=log,
+                                     preexec_fn=self.lab._preexec(False), env=self.lab.env())
+        log.close()
+        self.lab.procs.append(self.proc)
+        self.lab.wait_for(lambda: self._started(), "the agent's ready line")
+        m = re.search(r"http://127\.0\.0\.1:(\d+)", self.text())
+        self.port = int(m.group(1))
+        return self
+
+    def _started(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"agent exited {self.proc.returncode}: {self.text()}")
+        return "ready" in self.events()
+
+    def text(self):
+        with open(self.log_path) as f:
+            return f.read()
+
+    def lines(self):
+        return self.text().splitlines()
+
+    def events(self):
+        """The event names logged so far (text format: '<time> <event>: ...')."""
+        out = []
+        for ln in self.lines():
+            if ln.startswith("{"):
+                out.append(json.loads(ln)["event"])
+            else:
+                out.append(ln.split(" ", 2)[1].rstrip(":"))
+        return out
+
+    def get(self, path):
+        """(status, body) of GET path, from inside the namespace the agent listens in."""
+        def fetch():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}",
+                                            timeout=10) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+        return netns.run_in(f"/run/netns/{self.lab.remote_ns}", fetch)
+
+    def metric(self, name, **labels):
+        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        line = f"{name}{{{want}}}" if labels else name
+        for ln in self.get("/metrics")[1].splitlines():
+            if ln.startswith(line + " "):
+                return float(ln.split()[-1])
+        return None
+
+    def send(self, sig):
+        self.proc.send_signal(sig)
+
+    def stop(self, sig=signal.SIGTERM):
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+
+@pytest.fixture
+def state_dir(lab):
+    """The lab's store (also EBPF_TPROXY_STATE_DIR of every lab command)."""
+    lab.shared_file("marker", "")   # makes lab.tmpdir, for the agents' logs
+    return lab.state_dir
+
+
+def install(lab, state_dir, *args, ns=None, name="default"):
+    extra = ["--netns", f"/run/netns/{ns}", "--name", name] if ns else []
+    r = lab.tproxy("install", "--kuma-dp-user", DP_USER, "--state-dir", state_dir, *args,
+                   *extra, netns=ns is None)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def status(lab):
+    r = lab.tproxy("status", "--output", "json")
+    assert r.returncode == 0, r.stderr
+    return {e["name"]: e for e in json.loads(r.stdout)}
+
+
+def stored(state_dir):
+    from loader import store
+    return store.names(state_dir)
+
+
+def first(lab, host, port):
+    return reached(lab, host, port)["line"].split()[0]
+
+
+def test_an_address_added_after_install_is_local_within_a_second(lab, state_dir):
+    """Kuma's rule: a non-DP connection to an address of the namespace itself goes
+    direct (iptables' -o lo RETURN); to any other address it is captured."""
+    listeners(lab)
+    agent = Agent(lab, state_dir).start()
+    install(lab, state_dir)
+    lab.wait_for(lambda: "watching" in agent.events(), "the agent watching 'default'")
+    assert first(lab, NEW_IP, 8000) == "out"          # not ours yet: captured
+    lab.ip(lab.app_ns, "addr", "add", f"{NEW_IP}/32", "dev", "lo")
+    lab.wait_for(lambda: first(lab, NEW_IP, 8000) == "local", f"{NEW_IP} local", timeout=1.0)
+    assert f"{NEW_IP}/32" in status(lab)["default"]["meta"]["local_networks"]
+    lab.ip(lab.app_ns, "addr", "del", f"{NEW_IP}/32", "dev", "lo")
+    lab.wait_for(lambda: f"{NEW_IP}/32" not in status(lab)["default"]["meta"][
+        "local_networks"], f"{NEW_IP} no longer local", timeout=1.0)
+    assert first(lab, NEW_IP, 8000) == "out"
+    assert agent.metric("ebpf_tproxy_agent_address_changes_total") == 2
+    assert agent.get("/healthz") == (200, "ok\n")
+
+
+@pytest.mark.kernel_ci
+def test_an_emptied_bpffs_gets_every_stored_namespace_back_and_no_gone_one(lab, state_dir):
+    """The reboot case: the bpffs is empty when the agent starts; each stored namespace
+    that exists is captured again, one that no longer exists is dropped from the store."""
+    listeners(lab)
+    agent = Agent(lab, state_dir).start()
+    install(lab, state_dir, "--store", "--exclude-outbound-ports", "8001")
+    pod, gone = pod_netns(lab), pod_netns(lab)
+    install(lab, state_dir, "--store-firewalld", "--redirect-inbound=false", ns=pod,
+            name="pod")
+    install(lab, state_dir, "--store", "--redirect-inbound=false", ns=gone, name="gone")
+    install(lab, state_dir, "--redirect-inbound=false", ns=lab.add_netns(), name="unstored")
+    assert stored(state_dir) == ["default", "gone", "pod"]
+    assert agent.stop() == 0
+    # The reboot: every pin gone with the bpffs (its links detach), one namespace gone.
+    subprocess.run(["umount", lab.bpffs], check=True)
+    subprocess.run(["mount", "-t", "bpf", "bpf", lab.bpffs], check=True)
+    lab.ip(gone, "link", "del", "d0")
+    subprocess.run(["ip", "netns", "del", gone], check=True)
+    lab.extra_ns.remove(gone)
+    assert first(lab, REMOTE_IP4, 8000) == "remote"   # nothing captures now
+    agent = Agent(lab, state_dir).start()
+    st = status(lab)
+    assert sorted(st) == ["default", "pod"], st
+    assert st["default"]["meta"]["config"]["redirect"]["outbound"]["excludePorts"] == "8001"
+    assert stored(state_dir) == ["default", "pod"]
+    assert first(lab, REMOTE_IP4, 8000) == "out"      # captured again
+    assert first(lab, REMOTE_IP4, 8001) == "remote"   # with its stored exclusion
+    assert agent.get("/readyz")[0] == 200
+
+
+def test_a_namespace_deleted_while_watched_is_removed_from_the_maps_and_the_store(
+        lab, state_dir):
+    """The agent's own watcher socket must not keep a deleted namespace alive."""
+    listeners(lab)
+    agent = Agent(lab, state_dir).start()
+    install(lab, state_dir, "--store")
+    pod = pod_netns(lab)
+    install(lab, state_dir, "--store", "--redirect-inbound=false", ns=pod, name="pod")
+    lab.wait_for(lambda: agent.text().count("watching") == 2, "both namespaces watched")
+    lab.ip(pod, "link", "del", "d0")
+    subprocess.run(["ip", "netns", "del", pod], check=True)
+    lab.extra_ns.remove(pod)
+    lab.wait_for(lambda: "gc" in agent.events(), "the agent removing 'pod'")
+    assert "removed 'pod'" in agent.text()
+    assert sorted(status(lab)) == ["default"] and stored(state_dir) == ["default"]
+    assert agent.metric("ebpf_tproxy_agent_gc_total") == 1
+    assert first(lab, REMOTE_IP4, 8000) == "out"     # the other namespace: untouched
+
+
+def test_store_follows_install_and_a_process_path_is_refused(lab, state_dir):
+    listeners(lab)
+    install(lab, state_dir, "--store")
+    assert stored(state_dir) == ["default"]
+    r = install(lab, state_dir)                       # without --store: forgotten
+    assert stored(state_dir) == [] and "no longer stored" in r.stderr
+    holder = lab.spawn(LS + ["listen", "x:9999"], ns=pod_netns(lab), in_cgroup=False)
+    r = lab.tproxy("install", "--kuma-dp-user", DP_USER, "--state-dir", state_dir, "--store",
+                   "--name", "bypid", "--netns", f"/proc/{holder.pid}/ns/net", netns=False)
+    assert r.returncode == 2 and "names a process" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert sorted(status(lab)) == ["default"] and stored(state_dir) == []
+
+
+def test_program_run_statistics_while_bpf_stats_is_enabled(lab, state_dir):
+    from loader import bpfsys
+    from .residue import bpftool
+    listeners(lab)
+    agent = Agent(lab, state_dir).start()
+    install(lab, state_dir)
+    assert agent.metric("ebpf_tproxy_program_runs_total", program="connect4") == 0
+    fd = bpfsys.enable_stats()   # counted while this fd is open (BPF_ENABLE_STATS)
+    try:
+        r = lab.py("connect", REMOTE_IP4, "8000", "--count", "10")
+        assert r.returncode == 0, r.stderr
+        runs = agent.metric("ebpf_tproxy_program_runs_total", program="connect4")
+        secs = agent.metric("ebpf_tproxy_program_run_seconds_total", program="connect4")
+    finally:
+        os.close(fd)
+    assert runs >= 10 and secs > 0
+    prog = next(p for p in bpftool("prog", "list") if p.get("name") == "connect4" and
+                p.get("run_cnt") == runs)   # the same figure bpftool reads
+    assert prog["run_time_ns"] / 1e9 == pytest.approx(secs)
+
+
+def traffic(lab):
+    """A client in the app namespace connecting through the proxy to the remote service,
+    over and over, until stop(traffic) says how each connection ended."""
+    lab.spawn(LS + ["proxy", "--port", "15001"], user=DP_UID)
+    lab.spawn(LS + ["listen", "remote:8000", "remote:8001"], ns=lab.remote_ns,
+              in_cgroup=False)
+    return lab.spawn(LS + ["loop", REMOTE_IP4, "8000"], stdin=subprocess.PIPE)
+
+
+def stop(loop):
+    loop.stdin.write(b"\n")
+    loop.stdin.flush()
+    return json.loads(loop.stdout.readline())
+
+
+def redirected(lab):
+    return status(lab)["default"]["counters"]["redirected_outbound"]
+
+
+def excluded(lab):
+    return status(lab)["default"]["counters"]["excluded_port"]
+
+
+def more_traffic(lab, n=30):
+    start = redirected(lab)
+    lab.wait_for(lambda: redirected(lab) >= start + n, f"{n} more captured connections")
+
+
+def test_sigkill_under_traffic_loses_nothing_and_a_restart_picks_up(lab, state_dir):
+    loop = traffic(lab)
+    agent = Agent(lab, state_dir).start()
+    install(lab, state_dir, "--store")
+    more_traffic(lab)
+    agent.stop(signal.SIGKILL)
+    more_traffic(lab)                                  # no agent: capture goes on
+    assert status(lab)["default"]["problems"] == []
+    agent = Agent(lab, state_dir).start()
+    assert "built" not in agent.text()                 # the pinned set, no build
+    assert "already loaded" in agent.text()
+    lab.wait_for(lambda: "watching" in agent.events(), "the new agent watching 'default'")
+    assert "applied" not in agent.events()             # the store was in force already
+    more_traffic(lab)
+    result = stop(loop)
+    assert set(result["results"]) == {"remote"} and result["connections"] > 90, result
+    # Resynced: it follows the namespace's addresses again.
+    lab.ip(lab.app_ns, "addr", "add", f"{NEW_IP}/32", "dev", "lo")
+    lab.wait_for(lambda: f"{NEW_IP}/32" in status(lab)["default"]["meta"]["local_networks"],
+                 "the restarted agent applying an address change")
+
+
+def test_sighup_applies_a_changed_stored_configuration_without_a_lost_connection(
+        lab, state_dir):
+    loop = traffic(lab)
+    agent = Agent(lab, state_dir).start()
+    install(lab, state_dir, "--store", "--exclude-outbound-ports", "8002")
+    more_traffic(lab)
+    assert first(lab, REMOTE_IP4, 8001) == "remote"   # through the proxy ...
+    assert excluded(lab) == 0                          # ... as the counters say
+    path = os.path.join(state_dir, "namespaces", "default.json")
+    st = os.stat(path)
+    doc = json.load(open(path))
+    doc["config"]["redirect"]["outbound"]["excludePorts"] = "8001"   # same length
+    with open(path + ".new", "w") as f:
+        json.dump(doc, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.rename(path + ".new", path)
+    # Same size and mtime: only SIGHUP can tell the agent (its change check cannot).
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_size == st.st_size
+    agent.send(signal.SIGHUP)
+    lab.wait_for(lambda: "applied" in agent.events(), "the agent applying the new file")
+    assert "reload: SIGHUP" in agent.text() and "(SIGHUP)" in agent.text()
+    assert status(lab)["default"]["meta"]["config"]["redirect"]["outbound"][
+        "excludePorts"] == "8001"
+    assert first(lab, REMOTE_IP4, 8001) == "remote"   # now direct:
+    assert excluded(lab) == 1
+    more_traffic(lab)
+    result = stop(loop)
+    assert set(result["results"]) == {"remote"}, result
+    assert agent.metric("ebpf_tproxy_agent_reloads_total") == 1
+
+
+def test_a_changed_stored_file_is_applied_without_a_signal(lab, state_dir):
+    listeners(lab)
+    agent = Agent(lab, state_dir).start()
+    install(lab, state_dir, "--store")
+    assert first(lab, REMOTE_IP4, 8001) == "out"
+    path = os.path.join(state_dir, "namespaces", "default.json")
+    doc = json.load(open(path))
+    doc["config"]["redirect"]["outbound"]["excludePorts"] = "8001"
+    with open(path + ".new", "w") as f:
+        json.dump(doc, f)
+    os.rename(path + ".new", path)
+    lab.wait_for(lambda: "(store changed)" in agent.text(), "the change applied")
+    assert first(lab, REMOTE_IP4, 8001) == "remote"
+    assert "reload" not in agent.events()
+
+
+def test_bad_state_files_are_one_line_each_and_the_others_apply(lab, state_dir):
+    listeners(lab)
+    agent = Agent(lab, state_dir, "--log-format", "json").start()
+    install(lab, state_dir, "--store")
+    agent.stop()
+    subprocess.run(["umount", lab.bpffs], check=True)
+    subprocess.run(["mount", "-t", "bpf", "bpf", lab.bpffs], check=True)
+    good = json.load(open(os.path.join(state_dir, "namespaces", "default.json")))
+    bad = {"truncated": json.dumps(good)[:50],
+           "types": json.dumps(dict(good, name="types", netns=["x"])),
+           "version": json.dumps(dict(good, name="version", version=7))}
+    for name, text in bad.items():
+        with open(os.path.join(state_dir, "namespaces", f"{name}.json"), "w") as f:
+            f.write(text)
+    agent = Agent(lab, state_dir, "--log-format", "json").start()
+    assert sorted(status(lab)) == ["default"]
+    assert first(lab, REMOTE_IP4, 8000) == "out"
+    errors = [json.loads(ln) for ln in agent.lines() if '"state-error"' in ln]
+    assert sorted(e["msg"].split(":")[0] for e in errors) == sorted(
+        f"state file {state_dir}/namespaces/{n}.json" for n in bad), errors
+    lab.wait_for(lambda: agent.metric("ebpf_tproxy_agent_state_file_errors_total") == 3,
+                 "the errors counted")
+    assert agent.proc.poll() is None
+    for ln in agent.lines():
+        json.loads(ln)   # every line is JSON
+
+
+def test_the_agent_keeps_the_node_set_for_the_next_install_and_removes_it_when_it_stops(
+        lab, state_dir):
+    from .residue import cgroup_attachments, pins
+    agent = Agent(lab, state_dir).start()
+    assert pins(lab.bpffs)                          # loaded before any install
+    install(lab, state_dir)
+    assert cgroup_attachments(lab.cgroup)
+    r = lab.tproxy("uninstall")
+    assert r.returncode == 0, r.stderr
+    assert pins(lab.bpffs)                          # kept: the agent runs ...
+    assert not cgroup_attachments(lab.cgroup)       # ... attached nowhere unused
+    r = install(lab, state_dir, "--verbose")        # and the next install builds nothing
+    assert "already loaded: no build needed" in r.stderr, r.stderr
+    assert lab.tproxy("uninstall").returncode == 0
+    r = subprocess.run(agent.lab.command([PYTHON, "-m", "loader.cli", "agent",
+                                          "--ebpf-bpffs-path", lab.bpffs, "--state-dir",
+                                          state_dir, "--metrics-address", ""]),
+                       capture_output=True, text=True, env=lab.env(), timeout=60)
+    assert r.returncode != 0 and "another agent already serves" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert agent.stop() == 0
+    assert not pins(lab.bpffs)                      # clean stop, nothing registered
+    assert not os.path.exists("/run/ebpf-tproxy/agent-" +
+                              lab.bpffs.strip("/").replace("/", "_") + ".lock")
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None,
+                    reason="Debian's prometheus is not installed (make setup installs it)")
+def test_a_real_prometheus_scrapes_the_counters(lab, state_dir):
+    listeners(lab)
+    agent = Agent(lab, state_dir).start()
+    install(lab, state_dir)
+    r = lab.py("connect", REMOTE_IP4, "8000", "--count", "25")
+    assert r.returncode == 0, r.stderr
+    want = status(lab)["default"]["counters"]["redirected_outbound"]
+    assert want >= 25
+    cfg = lab.shared_file("prometheus.yml", (
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        "  - job_name: ebpf-tproxy\n"
+        # The counters' own label "instance" (the registration's name) is also the label
+        # Prometheus gives each target: honor_labels keeps ours (README says so).
+        "    honor_labels: true\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{agent.port}']}}]\n"))
+    data = os.path.join(lab.tmpdir, "prometheus-data")
+    port = netns.run_in(f"/run/netns/{lab.remote_ns}", _free_port)   # for Prometheus
+    lab.spawn(["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={data}",
+               f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+              ns=lab.remote_ns, in_cgroup=False, ready=None)
+    query = ('ebpf_tproxy_decisions_total{instance="default",reason="redirected_outbound"}')
+
+    def scraped():
+        def ask():
+            url = f"http://127.0.0.1:{port}/api/v1/query?" + \
+                urllib.parse.urlencode({"query": query})
+            try:
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    return json.load(resp)
+            except OSError:
+                return None
+        res = netns.run_in(f"/run/netns/{lab.remote_ns}", ask)
+        vals = (res or {}).get("data", {}).get("result", [])
+        return vals and float(vals[0]["value"][1]) == want
+    lab.wait_for(scraped, "Prometheus returning the agent's counter", timeout=90)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
