@@ -25,6 +25,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import time
 
@@ -35,6 +36,7 @@ from .node import InstallError, NodePaths
 
 RESYNC_S = 1.0      # registrations, the store and the node set are looked at this often
 SETTLE_S = 0.05     # address events arrive in bursts (DAD, routes): wait this long for more
+RETRY_MAX_S = 60.0  # a failed apply is tried again after 1, 2, 4 ... up to this many seconds
 
 # rtnetlink multicast groups (linux/rtnetlink.h): addresses, and routes, whose local table
 # is what "local" means to Kuma's rules (iptables' -o lo).
@@ -43,6 +45,8 @@ RTMGRP_IPV4_ROUTE = 0x40
 RTMGRP_IPV6_IFADDR = 0x100
 RTMGRP_IPV6_ROUTE = 0x400
 WATCH_GROUPS = RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
+RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWADDR, RTM_DELADDR = 24, 25, 20, 21
+RT_TABLE_LOCAL = 255
 
 
 class AgentError(RuntimeError):
@@ -64,6 +68,32 @@ class Log:
             extra = " ".join(f"{k}={v}" for k, v in fields.items())
             line = f"{now} {event}: {msg}" + (f" ({extra})" if extra else "")
         print(line, file=self.stream, flush=True)
+
+
+def relevant(data):
+    """Whether a batch of rtnetlink messages holds an address change, or a route change in
+    the local table (the others, a BGP node's thousands of routes, change nothing local)."""
+    off = 0
+    while off + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, off)
+        if length < 16:
+            break
+        if kind in (RTM_NEWADDR, RTM_DELADDR):
+            return True
+        # struct rtmsg after the 16-byte header: family, dst_len, src_len, tos, table, ...
+        if kind in (RTM_NEWROUTE, RTM_DELROUTE) and off + 21 <= len(data) and \
+                data[off + 20] == RT_TABLE_LOCAL:
+            return True
+        off += (length + 3) & ~3
+    return False
+
+
+def _meta(paths, name):
+    """A registration's description as it is now (None if not registered)."""
+    if node.read_meta(paths) is None:
+        return None
+    with namespace.NodeMaps(paths) as maps:
+        return maps.read_meta(name)
 
 
 def _watch_socket():
@@ -97,7 +127,7 @@ def _in_force(settings, meta):
 
 
 class Agent:
-    def __init__(self, bpffs, state_dir, log, metrics_address=None):
+    def __init__(self, bpffs, state_dir, log, metrics_address=None, store_grace=600):
         self.bpffs, self.state_dir, self.log = bpffs, state_dir, log
         self.paths = NodePaths(bpffs)
         self.metrics_address = metrics_address
@@ -107,8 +137,13 @@ class Agent:
         self.started_at = time.time()
         self.watched = {}          # name -> Watched
         self.path_of = {}          # netns inode -> a path that reached it
-        self._store_seen = None    # store.fingerprint at the last read
+        self.store_grace = store_grace
+        self._store_seen = None    # store.fingerprint at the last clean pass
         self._bad_seen = set()     # problem lines already logged (said once per change)
+        self._missing_since = {}   # stored name -> when its namespace was first missing
+        self._retry_at, self._backoff = None, 1.0   # after a failed apply
+        self._said = set()         # one-off lines already logged
+        self.heartbeat = time.monotonic()
         self._stop = self._hup = False
         self._lock_fd = None
         self._wake_r = self._wake_w = None
@@ -116,7 +151,7 @@ class Agent:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self):
-        self._lock_fd = lifecycle.hold_agent_lock(self.bpffs)
+        self._lock_fd = lifecycle.hold_agent_lock(self.bpffs, patience=1.0)
         if self._lock_fd is None:
             raise AgentError(f"another agent already serves {self.bpffs} (it holds "
                              f"{lifecycle.agent_lock_path(self.bpffs)}); stop it first")
@@ -142,6 +177,8 @@ class Agent:
         """The loop, until SIGTERM or SIGINT."""
         next_sync = time.monotonic() + RESYNC_S
         while not self._stop:
+            self.heartbeat = time.monotonic()
+            systemd.notify("WATCHDOG=1")   # WatchdogSec: a loop stuck for a minute restarts
             # poll, not select: up to 1,024 namespaces' sockets plus our own fds exceed
             # select's FD_SETSIZE.
             socks = {w.sock.fileno(): w for w in self.watched.values()}
@@ -165,9 +202,8 @@ class Agent:
         for fd, _ in poller.poll(timeout * 1000):
             if fd == self._wake_r:
                 _drain(self._wake_r)
-            else:
+            elif _drain_sock(socks[fd].sock):
                 dirty.add(socks[fd].name)
-                _drain_sock(socks[fd].sock)
         return dirty
 
     def _work(self, dirty, poller, socks, next_sync):
@@ -181,7 +217,10 @@ class Agent:
             time.sleep(SETTLE_S)
             dirty |= self._readable(poller, socks, 0)
             for name in sorted(dirty):
-                self.refresh_addresses(name)
+                try:
+                    self.refresh_addresses(name)
+                except Exception as e:   # one namespace's trouble stops no other's
+                    self.log("error", f"{name!r}: {type(e).__name__}: {e}")
         if time.monotonic() >= next_sync:
             self.sync()
 
@@ -196,6 +235,8 @@ class Agent:
         for w in self.watched.values():
             w.sock.close()
         self.watched.clear()
+        if self._wake_w is not None:
+            signal.set_wakeup_fd(-1)
         for fd in (self._wake_r, self._wake_w):
             if fd is not None:
                 os.close(fd)
@@ -244,7 +285,8 @@ class Agent:
 
     def sync(self):
         """Bring everything in line: the node set there, namespaces that disappeared gone,
-        every registered namespace watched, the store applied if it changed."""
+        every registered namespace watched, the store applied if it changed (or one of its
+        namespaces is awaited, or a failed apply is due again)."""
         try:
             if node.read_meta(self.paths) is None:
                 self.log("node", "the node program set is gone (uninstall --all?): loading it")
@@ -258,15 +300,27 @@ class Agent:
             self.log("sync-failed", str(e))
             return
         self._watch(regs)
-        if store.fingerprint(self.state_dir) != self._store_seen:
-            self.apply_store("store changed")
+        changed = store.fingerprint(self.state_dir) != self._store_seen
+        due = self._retry_at is not None and time.monotonic() >= self._retry_at
+        if changed or due or self._missing_since:
+            self.apply_store("store changed" if changed else "retry" if due else "awaited")
 
     def _gone(self, name, why):
+        """A registered namespace was destroyed: its watcher goes, and its stored
+        configuration too, unless its path already names a namespace again (made anew
+        under the same name: the store applies to it)."""
         self.stats["gc"] += 1
         w = self.watched.pop(name, None)
         if w is not None:
             w.sock.close()
-        forgotten = store.forget(self.state_dir, name)
+        forgotten = False
+        try:
+            s = store.read(self.state_dir, name) if name in store.names(self.state_dir) \
+                else None
+        except ConfigError:
+            s = None
+        if s is not None and netns.inode_of(s.netns) is None:
+            forgotten = store.forget(self.state_dir, name)
         self.log("gc", f"removed {name!r}: {why}", stored=forgotten)
 
     def _watch(self, regs):
@@ -317,7 +371,7 @@ class Agent:
         return out
 
     def refresh_addresses(self, name, meta=None):
-        """Apply a namespace's configuration again if its local addresses changed."""
+        """Apply a namespace's configuration again if its local networks changed."""
         w = self.watched.get(name)
         if w is None:
             return
@@ -326,26 +380,44 @@ class Agent:
             if meta is None:
                 return
         try:
-            now = set(netns.run_in(w.path, netinfo.local_networks))
+            now = netns.run_in(w.path, netinfo.local_networks)
         except (ConfigError, OSError) as e:
             self.log("watch-failed", f"{name!r}: cannot read its addresses: {e}")
             return
-        if (meta.get("config") or {}).get("ipFamilyMode") == "dualstack":
-            now.add(f"{netinfo.KUMA_LO_V6}/128")
-        before = set(meta.get("local_networks") or [])
-        if now == before:
+        ipv6 = (meta.get("config") or {}).get("ipFamilyMode") == "dualstack"
+        now = namespace.local_set(now, ipv6)
+        before = meta.get("local_networks")
+        if meta.get("local_digest"):
+            # The description shortens a long list; its digest is whole.
+            if namespace.local_digest(now) == meta["local_digest"]:
+                return
+        elif now == before:
             return
         self.stats["address_changes"] += 1
-        added, removed = sorted(now - before), sorted(before - now)
-        self.log("addresses", f"{name!r} changed", added=",".join(added) or "-",
-                 removed=",".join(removed) or "-")
+        if isinstance(before, list):
+            self.log("addresses", f"{name!r} changed",
+                     added=",".join(sorted(set(now) - set(before))) or "-",
+                     removed=",".join(sorted(set(before) - set(now))) or "-")
+        else:
+            self.log("addresses", f"{name!r} changed", local=len(now))
         try:
             settings = self._settings_in_force(name, meta)
         except ConfigError as e:
             self.log("apply-failed", f"{name!r}: {e}")
             self.stats["apply_failures"] += 1
             return
-        self.apply(name, w.path, settings, meta.get("cgroup"))
+        seen = (meta.get("generation"), meta.get("config_digest"))
+
+        def unchanged(paths):
+            # Under the bpffs lock: an uninstall or install since the description was read
+            # wins (uninstalled stays uninstalled; a new install read the addresses itself).
+            m = _meta(paths, name)
+            if m is None:
+                return "uninstalled meanwhile"
+            if (m.get("generation"), m.get("config_digest")) != seen:
+                return "installed again meanwhile"
+            return None
+        self.apply(name, w.path, settings, meta.get("cgroup"), precondition=unchanged)
 
     def _settings_in_force(self, name, meta):
         """The Settings a registration was installed with: the stored ones if they are
@@ -364,45 +436,104 @@ class Agent:
                               f"({e}); install it with --store, which keeps it whole") from None
 
     def apply_store(self, why):
-        self._store_seen = store.fingerprint(self.state_dir)
+        """Apply every stored configuration that is not in force. A namespace whose path
+        does not exist is waited for (it may be made after the agent started at boot) and
+        dropped from the store after store_grace seconds; a failed apply is tried again
+        with a growing delay."""
+        fingerprint = store.fingerprint(self.state_dir)
         try:
             stored, bad = store.read_all(self.state_dir)
+            regs = self.registrations()
         except (ConfigError, OSError) as e:
             self.log("state-error", str(e))
             self.stats["state_file_errors"] += 1
+            self._store_seen = fingerprint
+            self._failed()
             return
         for line in bad:
             if line not in self._bad_seen:
                 self.stats["state_file_errors"] += 1
                 self.log("state-error", f"{line} (that namespace is skipped)")
         self._bad_seen = set(bad)
-        try:
-            regs = self.registrations()
-        except OSError as e:
-            self.log("sync-failed", str(e))
-            return
+        ok, now = True, time.monotonic()
+        names = {s.name for s in stored}
+        for name in list(self._missing_since):
+            if name not in names:
+                del self._missing_since[name]
         for s in stored:
             inode = netns.inode_of(s.netns)
             if inode is None:
                 if s.name in regs:
                     continue   # gone, but sk_lookup has not said so yet: sync removes it
-                self._gone(s.name, f"its network namespace {s.netns} does not exist")
+                first = self._missing_since.setdefault(s.name, now)
+                if now - first >= self.store_grace:
+                    del self._missing_since[s.name]
+                    self.stats["gc"] += 1
+                    store.forget(self.state_dir, s.name)
+                    self.log("gc", f"dropped {s.name!r} from the store: {s.netns} has not "
+                             f"existed for {self.store_grace} s", stored=True)
+                elif first == now:
+                    self.log("waiting", f"{s.name!r}: {s.netns} does not exist; applied when "
+                             f"it does, dropped from the store after {self.store_grace} s")
                 continue
+            reason = why
+            if self._missing_since.pop(s.name, None) is not None:
+                reason = f"{s.netns} appeared"
             if s.settings.bpffs_path != self.bpffs:
-                self.log("state-error", f"{s.file}: stored for bpffs {s.settings.bpffs_path}, "
-                         f"this agent serves {self.bpffs} (skipped)")
+                self._say_once(("bpffs", s.file), "state-error",
+                               f"{s.file}: stored for bpffs {s.settings.bpffs_path}, this "
+                               f"agent serves {self.bpffs} (skipped)")
                 continue
             meta = regs.get(s.name)
             if meta and meta.get("netns_inode") == inode and _in_force(s.settings, meta):
                 continue
-            self.apply(s.name, s.netns, s.settings, None, why=why)
+            ok &= self.apply(s.name, s.netns, s.settings, None, why=reason,
+                             precondition=self._still_stored(s))
+        self._store_seen = fingerprint
+        if ok:
+            self._retry_at, self._backoff = None, 1.0
+        else:
+            self._failed()
 
-    def apply(self, name, path, settings, cgroup, why="addresses changed"):
-        """lifecycle.install, in the namespace at path."""
+    def _failed(self):
+        """Try the store again after a growing delay (a change to it retries at once)."""
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, RETRY_MAX_S)
+
+    def _still_stored(self, s):
+        def check(paths):
+            # Under the bpffs lock, which the CLI holds while it changes the store: an
+            # install or uninstall since the file was read wins.
+            try:
+                cur = store.read(self.state_dir, s.name)
+            except ConfigError:
+                return "its stored configuration is gone"
+            if cur.netns != s.netns or config.digest_of(cur.settings) != \
+                    config.digest_of(s.settings):
+                return "its stored configuration changed meanwhile"
+            m = _meta(paths, s.name)
+            if m and m.get("netns_inode") == netns.inode_of(s.netns) and \
+                    _in_force(s.settings, m):
+                return "already in force"
+            return None
+        return check
+
+    def _say_once(self, key, event, msg):
+        if key not in self._said:
+            self._said.add(key)
+            self.log(event, msg)
+
+    def apply(self, name, path, settings, cgroup, why="addresses changed", precondition=None):
+        """lifecycle.install, in the namespace at path (only if precondition, checked under
+        the bpffs lock, still holds). False if it failed."""
         try:
             cgroup = cgroup or kernel.resolve_cgroup(settings.cgroup_path)
-            p = netns.run_in(path, lifecycle.install, settings, cgroup)
-        except (ConfigError, InstallError, kernel.HostError, OSError) as e:
+            p = netns.run_in(path, lifecycle.install, settings, cgroup,
+                             precondition=precondition)
+        except lifecycle.Skipped as e:
+            self.log("skipped", f"{name!r}: {e}")
+            return True
+        except Exception as e:   # one namespace's failure stops no other's
             self.stats["apply_failures"] += 1
             self.log("apply-failed", f"{name!r}: {e}", netns=path)
             return False
@@ -424,10 +555,15 @@ def _drain(fd):
 
 
 def _drain_sock(sock):
-    try:
-        while sock.recv(65536):
-            pass
-    except BlockingIOError:
-        pass
-    except OSError:
-        pass   # ENOBUFS: events were lost; the caller reads the addresses again anyway
+    """Read what the watcher got; whether any of it may change the local networks."""
+    hit = False
+    while True:
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return hit
+        except OSError:
+            return True   # ENOBUFS: events were lost; read the addresses again
+        if not data:
+            return hit
+        hit = hit or relevant(data)

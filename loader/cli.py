@@ -372,8 +372,27 @@ def install(**kw):
     if not ver.ok:
         fail(f"{ver.detail}: {ver.fix}")
     need_privileges()
+    unstored = []
+
+    class StoreFailed(RuntimeError):
+        pass
+
+    def record(p):
+        # Under the install's bpffs lock: the agent, which checks the store under the same
+        # lock, never applies a stored configuration this install has just replaced.
+        try:
+            if stored_as:
+                store.save(state_dir, settings.name, stored_as, settings)
+            elif store.forget(state_dir, settings.name):
+                unstored.append(settings.name)
+        except (ConfigError, OSError) as e:
+            raise StoreFailed(f"installed {settings.name!r}, but the store in {state_dir} "
+                              f"could not be updated: {e}") from None
     try:
-        p = lifecycle.install(settings, cgroup, progress=progress if verbose else None)
+        p = lifecycle.install(settings, cgroup, progress=progress if verbose else None,
+                              then=record)
+    except StoreFailed as e:
+        fail(str(e), EXIT_FAILED)
     except ConfigError as e:
         fail(str(e))
     except (kernel.HostError, node.InstallError, seams.SeamFailure) as e:
@@ -382,17 +401,10 @@ def install(**kw):
         fail(f"install failed and was rolled back: {e}", EXIT_FAILED)
     for w in p.get("warnings", []):
         click.echo(f"ebpf-tproxy: warning: {w}", err=True)
-    try:
-        if stored_as:
-            store.save(state_dir, settings.name, stored_as, settings)
-        elif store.forget(state_dir, settings.name):
-            # The store must say what is installed: the agent applies it again.
-            click.echo(f"ebpf-tproxy: note: {settings.name!r} is no longer stored (installed "
-                       "without --store); the agent will not apply it after a reboot",
-                       err=True)
-    except (ConfigError, OSError) as e:
-        fail(f"installed {settings.name!r}, but the store in {state_dir} could not be "
-             f"updated: {e}", EXIT_FAILED)
+    if unstored:
+        # The store says what is installed: the agent applies it again after a reboot.
+        click.echo(f"ebpf-tproxy: note: {settings.name!r} is no longer stored (installed "
+                   "without --store); the agent will not apply it after a reboot", err=True)
     inbound = (f", inbound TCP from other hosts -> port {settings.inbound_port}"
                if settings.inbound_enabled else "")
     click.echo(f"installed {settings.name!r} (network namespace {p['netns_cookie']}, node "
@@ -530,11 +542,19 @@ def uninstall(name, all_, ebpf_bpffs_path, state_dir):
     try:
         names = lifecycle.list_names(ebpf_bpffs_path) if all_ else [name]
         store.check_dir(state_dir)
+
+        def forget():
+            # Under the uninstall's bpffs lock (see install). --all: the namespaces stored
+            # for this bpffs, not those another agent serves from another one.
+            gone = []
+            for n in (store.names(state_dir) if all_ else [name]):
+                if all_ and not store.stored_for(state_dir, n, ebpf_bpffs_path):
+                    continue
+                if store.forget(state_dir, n):
+                    gone.append(f"stored configuration of {n!r}")
+            return gone
         removed = lifecycle.uninstall(ebpf_bpffs_path, None if all_ else name,
-                                      everything=all_)
-        for n in (store.names(state_dir) if all_ else [name]):
-            if store.forget(state_dir, n):
-                removed.append(f"stored configuration of {n!r}")
+                                      everything=all_, then=forget)
     except ConfigError as e:
         fail(str(e))
     except (node.InstallError, OSError) as e:
@@ -558,8 +578,11 @@ def uninstall(name, all_, ebpf_bpffs_path, state_dir):
 @click.option("--remove-unit", is_flag=True, help="Remove that unit file, and exit.")
 @click.option("--unit-dir", default=None, metavar="DIR",
               help="Where --install-unit/--remove-unit write (default /etc/systemd/system).")
+@click.option("--store-grace", type=int, default=600, show_default=True, metavar="SECONDS",
+              help="How long a stored namespace that does not exist is waited for (made "
+                   "after the agent started at boot) before it is dropped from the store.")
 def agent(ebpf_bpffs_path, state_dir, metrics_address, log_format, install_unit, remove_unit,
-          unit_dir):
+          unit_dir, store_grace):
     """Run the node agent: load the node program set once, apply stored configurations
     (after a reboot too), follow every registered namespace's addresses, remove namespaces
     that disappeared, reload on SIGHUP, serve metrics and health. Capture never depends on
@@ -578,23 +601,32 @@ def agent(ebpf_bpffs_path, state_dir, metrics_address, log_format, install_unit,
     from . import agent as agent_mod, metrics, systemd
     if install_unit and remove_unit:
         fail("--install-unit and --remove-unit: choose one")
+    try:
+        if metrics_address:
+            metrics.parse_address(metrics_address)
+        if store_grace < 0:
+            raise ConfigError(f"--store-grace: {store_grace} is negative; give seconds >= 0")
+    except ConfigError as e:
+        fail(str(e))
     if install_unit or remove_unit:
         d = unit_dir or systemd.UNIT_DIR
         if not os.path.isdir(d):
             fail(f"--unit-dir: {d} is not a directory; is systemd installed here?")
-        if remove_unit:
-            path = systemd.remove_unit(d)
-            click.echo(f"removed {path}" if path else f"no {systemd.UNIT_NAME} in {d}")
-            return
-        args = ["--ebpf-bpffs-path", ebpf_bpffs_path, "--state-dir", state_dir,
-                "--metrics-address", metrics_address, "--log-format", log_format]
-        path = systemd.install_unit(args, d)
+        try:
+            if remove_unit:
+                path = systemd.remove_unit(d)
+                click.echo(f"removed {path}" if path else f"no {systemd.UNIT_NAME} in {d}")
+                return
+            args = ["--ebpf-bpffs-path", ebpf_bpffs_path, "--state-dir", state_dir,
+                    "--metrics-address", metrics_address, "--log-format", log_format,
+                    "--store-grace", str(store_grace)]
+            path = systemd.install_unit(args, d, bpffs=ebpf_bpffs_path, state_dir=state_dir)
+        except OSError as e:
+            fail(f"cannot write in {d}: {e.strerror} (run as root)", EXIT_FAILED)
         click.echo(f"wrote {path}; start it with: systemctl daemon-reload && systemctl "
                    f"enable --now {systemd.UNIT_NAME}")
         return
     try:
-        if metrics_address:
-            metrics.parse_address(metrics_address)
         store.check_dir(state_dir)
     except ConfigError as e:
         fail(str(e))
@@ -607,7 +639,8 @@ def agent(ebpf_bpffs_path, state_dir, metrics_address, log_format, install_unit,
     except ConfigError as e:
         fail(str(e))
     log = agent_mod.Log(log_format)
-    a = agent_mod.Agent(ebpf_bpffs_path, state_dir, log, metrics_address or None)
+    a = agent_mod.Agent(ebpf_bpffs_path, state_dir, log, metrics_address or None,
+                        store_grace=store_grace)
     try:
         a.start()
     except (ConfigError, agent_mod.AgentError) as e:

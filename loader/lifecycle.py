@@ -48,14 +48,27 @@ def _log(progress, msg):
 
 # ------------------------------------------------------------------------- install
 
-def install(settings: Settings, cgroup_path, progress=None):
+class Skipped(Exception):
+    """install's precondition no longer held once the lock was taken: nothing was done."""
+
+
+def install(settings: Settings, cgroup_path, progress=None, precondition=None, then=None):
     """Register the caller's network namespace (install or update in place). Returns the
-    plan now in force."""
+    plan now in force.
+
+    Under the bpffs lock, so that nothing changes between them: precondition(paths), before
+    anything is done, returns None to go on or the reason to raise Skipped (the agent's
+    "only if what I read is still so"); then(p), once the namespace is registered, records
+    it elsewhere (the CLI's store)."""
     paths = NodePaths(settings.bpffs_path)
     _mount_bpffs(settings.bpffs_path)
     try:
         with bpffs_lock(settings.bpffs_path):
             _refuse_other_layouts(paths)
+            if precondition is not None:
+                reason = precondition(paths)
+                if reason:
+                    raise Skipped(reason)
             fresh_node = node.read_meta(paths) is None
             if not fresh_node:
                 # Before the set is loaded: what it decides (attach points, coverage) must
@@ -76,6 +89,8 @@ def install(settings: Settings, cgroup_path, progress=None):
                 raise
             finally:
                 loaded.close()
+            if then is not None:
+                then(p)
     except BaseException:
         _maybe_unmount(settings.bpffs_path)   # after the lock: its fd keeps the mount busy
         raise
@@ -161,19 +176,32 @@ def agent_lock_path(bpffs):
                         + ".lock")
 
 
-def hold_agent_lock(bpffs):
+def hold_agent_lock(bpffs, patience=1.0):
     """The running agent's claim on a bpffs: an exclusive flock the kernel drops when the
     agent dies, however it dies. Returns the fd to keep open, or None if another agent
-    holds it."""
-    os.makedirs(MOUNT_MARKER_DIR, mode=0o700, exist_ok=True)
-    fd = os.open(agent_lock_path(bpffs), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    holds it (tried for `patience` seconds: agent_running's probe holds it a moment)."""
+    path = agent_lock_path(bpffs)
+    deadline = time.monotonic() + patience
+    while True:
+        os.makedirs(MOUNT_MARKER_DIR, mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)   # polling: flock has no wait with a timeout
+            continue
+        # An agent stopping unlinks the file it held: a lock taken on that inode claims
+        # nothing. Only the file at the path counts.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
         os.close(fd)
-        return None
-    return fd
 
 
 def drop_agent_lock(bpffs, fd):
@@ -429,14 +457,16 @@ def list_names(bpffs):
     return sorted(names)
 
 
-def uninstall(bpffs, name=None, everything=False):
+def uninstall(bpffs, name=None, everything=False, then=None):
     """Remove one namespace (name) or everything. The node program set goes with the last
-    namespace. Returns what was removed (empty if there was nothing)."""
+    namespace. then(), under the bpffs lock once they are removed, returns more of what
+    went (the CLI's stored configurations). Returns what was removed (empty if there was
+    nothing)."""
     paths = NodePaths(bpffs)
     if name is not None:
         check_name(name)
     if not kernel.is_bpffs(bpffs):
-        return []
+        return then() if then is not None else []
     removed, metas = [], []
     with bpffs_lock(bpffs):
         pinfs.check_tree(paths.bpffs, paths.root)
@@ -487,6 +517,8 @@ def uninstall(bpffs, name=None, everything=False):
                 removed += node.remove(paths)
         with contextlib.suppress(OSError):
             os.rmdir(paths.root)
+        if then is not None:
+            removed += then()
     for m in metas:
         if m.get("added_lo_address"):
             removed += _remove_lo_address_in(m.get("netns_inode"))

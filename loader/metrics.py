@@ -23,6 +23,7 @@ import ipaddress
 import os
 import socket
 import threading
+import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -32,6 +33,8 @@ from . import abi, bpfsys, namespace, node
 from .config import ConfigError
 
 P = "ebpf_tproxy_"
+MAX_REQUESTS = 8      # answered at once; more get 503 (a scrape every few seconds is normal)
+STALLED_S = 30.0      # /readyz fails when the agent's loop has not turned for this long
 
 
 def parse_address(value, what="--metrics-address"):
@@ -176,8 +179,21 @@ def serve(address, agent):
     registry.register(NodeCollector(agent))
     registry.register(ProcessCollector(registry=None))
 
+    busy = threading.BoundedSemaphore(MAX_REQUESTS)
+
     class Handler(http.server.BaseHTTPRequestHandler):
+        timeout = 10   # a client that sends nothing does not keep a thread
+
         def do_GET(self):
+            if not busy.acquire(blocking=False):
+                self.send_error(503, "busy")
+                return
+            try:
+                self._get()
+            finally:
+                busy.release()
+
+        def _get(self):
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
                 try:
@@ -189,9 +205,12 @@ def serve(address, agent):
                 code, ctype, body = (200 if ok else 503), "text/plain", \
                     ("\n".join(lines) + "\n").encode()
             elif path == "/readyz":
-                ok = agent.ready
-                code, ctype, body = (200 if ok else 503), "text/plain", \
-                    (b"ready\n" if ok else b"starting: the store is not applied yet\n")
+                stalled = time.monotonic() - agent.heartbeat > STALLED_S
+                ok = agent.ready and not stalled
+                why = b"ready\n" if ok else (b"stalled: the agent's loop has not turned for "
+                                              b"30 s\n" if agent.ready else
+                                              b"starting: the store is not applied yet\n")
+                code, ctype, body = (200 if ok else 503), "text/plain", why
             else:
                 code, ctype, body = 404, "text/plain", b"/metrics, /healthz or /readyz\n"
             self.send_response(code)

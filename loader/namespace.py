@@ -49,15 +49,27 @@ def dns_servers(settings):
     return servers, warnings
 
 
-def plan(settings: Settings, local_nets, instance_ips, cgroup_path, netns_cookie):
-    """Everything install would write, as data (printed by --dry-run, stored as meta)."""
+def local_set(local_nets, ipv6):
+    """The namespace's local networks as install registers them, in order."""
     local_nets = set(local_nets)
-    if settings.ipv6:
+    if ipv6:
         # Install adds Kuma's ::6/128 to lo (rule 4c) after recording that it will: it is
         # one of the namespace's addresses from the start, whether there yet or not.
         local_nets.add(f"{netinfo.KUMA_LO_V6}/128")
-    local_nets = sorted(local_nets, key=lambda n: (ipaddress.ip_network(n).version,
-                                                   ipaddress.ip_network(n)))
+    return sorted(local_nets, key=lambda n: (ipaddress.ip_network(n).version,
+                                             ipaddress.ip_network(n)))
+
+
+def local_digest(local_list):
+    """A digest of local_set's list: the description keeps it whole, where it shortens a
+    long list, so the agent can tell whether the local networks changed."""
+    import hashlib
+    return hashlib.sha256(json.dumps(local_list).encode()).hexdigest()[:16]
+
+
+def plan(settings: Settings, local_nets, instance_ips, cgroup_path, netns_cookie):
+    """Everything install would write, as data (printed by --dry-run, stored as meta)."""
+    local_nets = local_set(local_nets, settings.ipv6)
     ip4 = settings.instance_ip4 or instance_ips[0]
     ip6 = settings.instance_ip6 or instance_ips[1]
     nets = [ipaddress.ip_network(n) for n in local_nets]
@@ -78,6 +90,7 @@ def plan(settings: Settings, local_nets, instance_ips, cgroup_path, netns_cookie
         "instance_ip4": ip4,
         "instance_ip6": ip6 if settings.ipv6 else "",
         "local_networks": list(local_nets),
+        "local_digest": local_digest(local_nets),
         "dns_servers": dns_servers(settings)[0],
         "dp_uid": settings.dp_uid,
         "config": settings.kuma_view(),

@@ -122,13 +122,15 @@ int learn_netns_cookie(struct bpf_sock *ctx)
 def learn_netns_cookie(program=None):
     """The caller's network namespace cookie: SO_NETNS_COOKIE where the kernel has it, else
     read by a tiny cgroup/sock_create program attached (by an unpinned link, gone with this
-    process's fd) to a temporary child cgroup of its own, in which a forked child of this
-    process (so: this network namespace) creates one socket. program: (fd, pinned map) of
+    process's fd) to a temporary child cgroup of its own, in which a child of this thread
+    (so: in this network namespace) creates one socket. program: (fd, pinned map) of
     the node set's learn_netns_cookie, so that no compiler is needed; else one is built.
     Returns (cookie, how); cookie 0 if neither works."""
     import ctypes as ct
     import os
-    import socket
+    import subprocess
+    import sys
+    import threading
 
     from . import kernel
 
@@ -139,7 +141,7 @@ def learn_netns_cookie(program=None):
     if root is None:
         return 0, "no cgroup2 mount to run the cookie program in"
     bpf = None
-    cg = os.path.join(root, f"ebpf-tproxy-cookie-{os.getpid()}")
+    cg = os.path.join(root, f"ebpf-tproxy-cookie-{os.getpid()}-{threading.get_native_id()}")
     try:
         if program is None:
             from .programs import QUIET_CFLAGS, bcc_compile, fd2_captured
@@ -163,20 +165,19 @@ def learn_netns_cookie(program=None):
         finally:
             os.close(cg_fd)
         try:
-            pid = os.fork()
-            if pid == 0:   # the child: join the cgroup, make one socket, leave
-                code = 1
-                try:
-                    with open(os.path.join(cg, "cgroup.procs"), "w") as f:
-                        f.write("0")
-                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()
-                    code = 0
-                finally:
-                    os._exit(code)
-            _, status = os.waitpid(pid, 0)
+            # A child joins the cgroup, makes one socket and leaves. Started with exec, not
+            # a bare fork: the agent calls this from one of several threads, and a forked
+            # copy of a threaded Python may deadlock on a lock another thread held. It is
+            # in the calling thread's network namespace, as every child of that thread is.
+            child = subprocess.run(
+                [sys.executable, "-c",
+                 "import socket, sys\n"
+                 "open(sys.argv[1], 'w').write('0')\n"
+                 "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()\n",
+                 os.path.join(cg, "cgroup.procs")], capture_output=True, timeout=60)
         finally:
             os.close(link)
-        if os.waitstatus_to_exitcode(status) != 0:
+        if child.returncode != 0:
             return 0, "the cookie program's child could not join its cgroup"
         return read(), ("learned by a cgroup/sock_create program (no SO_NETNS_COOKIE before "
                         "5.14)")

@@ -71,9 +71,7 @@ def stable_netns_path(path):
     """The path the store keeps for a namespace: one that names it again after a restart
     of the agent or the host. /proc/PID/ns/net of any PID but 1 names another process's
     namespace once that process is gone, so it cannot be stored."""
-    parts = path.split("/")
-    if len(parts) == 5 and parts[1] == "proc" and parts[3:] == ["ns", "net"] and \
-            parts[2] != "1":
+    if path.startswith("/proc/") and path != "/proc/1/ns/net":
         raise ConfigError(f"--store: {path} names a process, not a namespace that can be "
                           "found again after a restart; name the namespace (ip netns add, or "
                           "a bind mount) and pass that path with --netns")
@@ -88,6 +86,8 @@ def save(state_dir, name, netns_path, settings):
     data = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
     path = _file(state_dir, name)
     tmp = f"{path}.tmp.{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)   # left by a writer killed mid-way whose pid came round again
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     try:
@@ -100,12 +100,16 @@ def save(state_dir, name, netns_path, settings):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    _sync_dir(state_dir)
+    return path
+
+
+def _sync_dir(state_dir):
     dfd = os.open(_dir(state_dir), os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
-    return path
 
 
 def forget(state_dir, name):
@@ -114,7 +118,17 @@ def forget(state_dir, name):
         os.unlink(_file(state_dir, name))
     except FileNotFoundError:
         return False
+    _sync_dir(state_dir)
     return True
+
+
+def stored_for(state_dir, name, bpffs):
+    """Whether the stored namespace is one of this bpffs's (True for an unreadable file:
+    uninstall --all removes it with the rest)."""
+    try:
+        return read(state_dir, name).settings.bpffs_path == bpffs
+    except ConfigError:
+        return True
 
 
 def names(state_dir):
@@ -128,9 +142,11 @@ def fingerprint(state_dir):
     """What changes when any stored file does (for the agent's change check)."""
     d = _dir(state_dir)
     try:
-        return tuple((e.name, e.stat(follow_symlinks=False).st_mtime_ns,
-                      e.stat(follow_symlinks=False).st_size)
-                     for e in sorted(os.scandir(d), key=lambda e: e.name))
+        out = []
+        for e in sorted(os.scandir(d), key=lambda e: e.name):
+            st = e.stat(follow_symlinks=False)
+            out.append((e.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        return tuple(out)
     except FileNotFoundError:
         return ()
 
@@ -139,9 +155,15 @@ def read(state_dir, name):
     """One stored namespace: Stored, or ConfigError naming the file and what is wrong."""
     path = _file(state_dir, name)
     where = f"state file {path}"
-    raw = config.read_bounded(path, MAX_STATE_BYTES, where,
-                              "remove it, or store it again with 'ebpf-tproxy install --store'")
-    mtime = os.stat(path).st_mtime_ns
+    fix = "remove it, or store it again with 'ebpf-tproxy install --store'"
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read it ({e.strerror}); {fix}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise ConfigError(f"{where}: a symlink, never followed; {fix}")
+    raw = config.read_bounded(path, MAX_STATE_BYTES, where, fix)
+    mtime = st.st_mtime_ns
     try:
         doc = json.loads(raw.decode())
     except (UnicodeDecodeError, ValueError) as e:

@@ -40,18 +40,27 @@ def command_line():
     return [sys.executable, "-m", "loader.cli"]
 
 
-def render(agent_args):
-    """The unit file with ExecStart running this ebpf-tproxy's agent with agent_args."""
-    exec_start = " ".join(shlex.quote(a) for a in command_line() + ["agent", *agent_args])
-    return template().replace("@EXEC_START@", exec_start)
+def _escaped(word):
+    """A word of ExecStart: quoted, with systemd's specifier (%) and variable ($) signs
+    doubled so that they reach the agent as written."""
+    return shlex.quote(word).replace("%", "%%").replace("$", "$$")
 
 
-def install_unit(agent_args, unit_dir=UNIT_DIR):
+def render(agent_args, bpffs="/sys/fs/bpf", state_dir="/var/lib/ebpf-tproxy"):
+    """The unit file with ExecStart running this ebpf-tproxy's agent with agent_args, and
+    the bpffs and state directory it writes in named where the sandbox needs them."""
+    exec_start = " ".join(_escaped(a) for a in command_line() + ["agent", *agent_args])
+    return (template().replace("@EXEC_START@", exec_start)
+            .replace("@BPFFS@", _escaped(bpffs)).replace("@STATE_DIR@", _escaped(state_dir)))
+
+
+def install_unit(agent_args, unit_dir=UNIT_DIR, bpffs="/sys/fs/bpf",
+                 state_dir="/var/lib/ebpf-tproxy"):
     """Write the unit (atomically); returns its path."""
     path = os.path.join(unit_dir, UNIT_NAME)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write(render(agent_args))
+        f.write(render(agent_args, bpffs, state_dir))
     os.chmod(tmp, 0o644)
     os.rename(tmp, path)
     return path

@@ -15,7 +15,7 @@ from loader import abi
 from loader.lab import REMOTE_IP4
 
 from .conftest import CGROUP_HOOKS, DP_USER, install, listeners, own, pod_netns, reached
-from .residue import bpftool, cgroup_attachments, pins, snapshot, wait_back_to
+from .residue import cgroup_attachments, pins, snapshot, wait_back_to
 
 # A destination routed out of each extra namespace's own veth pair (nothing answers
 # there): what counts is how connect() was decided, which the namespace's counters say.
@@ -48,16 +48,27 @@ def try_connect(lab, ns, port):
     assert r.returncode == 0, r.stderr
 
 
-def our_prog_ids():
-    names = {"connect4", "connect6", "sock_ops", "getsockopt_orig_d", "sk_lookup_inbou"}
-    return sorted(p["id"] for p in bpftool("prog", "list") if p.get("name") in names)
+def our_prog_ids(lab):
+    """The ids of the programs of the lab's node set: attached at its cgroup (what bpftool
+    cgroup list shows) and pinned. Other BPF users of the machine do not count."""
+    from loader import bpfsys, node
+    paths = node.NodePaths(lab.bpffs)
+    meta = node.read_meta(paths)
+    pinned = []
+    for name in meta["programs"]:
+        fd = bpfsys.obj_get(paths.prog(meta["digest"], name))
+        try:
+            pinned.append(bpfsys.prog_info(fd)["id"])
+        finally:
+            os.close(fd)
+    return sorted(cgroup_attachments(lab.cgroup)), sorted(pinned)
 
 
 @pytest.mark.kernel_ci
 def test_programs_are_loaded_once_and_installs_after_the_first_need_no_compiler(lab, tmp_path):
     listeners(lab)
     install(lab)
-    first = our_prog_ids()
+    first = our_prog_ids(lab)
     # A bcc that cannot be imported: every later install must get by without it.
     fake = tmp_path / "nobcc" / "bcc"
     fake.mkdir(parents=True)
@@ -67,7 +78,7 @@ def test_programs_are_loaded_once_and_installs_after_the_first_need_no_compiler(
         install_in(lab, lab.add_netns(), f"ns{i}", env=env)
     again = install(lab, "--exclude-outbound-ports", "8000")
     assert again.returncode == 0
-    assert our_prog_ids() == first
+    assert our_prog_ids(lab) == first
     st = status(lab)
     assert len(st) == 20 and all(not e["problems"] for e in st), st
     assert reached(lab, REMOTE_IP4, 8000)["line"].startswith("remote ")   # new config
