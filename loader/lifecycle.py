@@ -69,17 +69,7 @@ def install(settings: Settings, cgroup_path, progress=None, precondition=None, t
                 reason = precondition(paths)
                 if reason:
                     raise Skipped(reason)
-            fresh_node = node.read_meta(paths) is None
-            if not fresh_node:
-                # Before the set is loaded: what it decides (attach points, coverage) must
-                # not rest on registrations that are gone.
-                remove_stale(paths, progress)
-            try:
-                loaded = node.ensure_loaded(paths, progress)
-            except BaseException:
-                if fresh_node:
-                    node.remove(paths)
-                raise
+            loaded, fresh_node = _loaded_node(paths, progress)
             try:
                 p = _install_locked(settings, cgroup_path, paths, loaded, progress)
             except BaseException:
@@ -122,6 +112,22 @@ def _refuse_other_layouts(paths):
             "SO_ORIGINAL_DST answer")
 
 
+def _loaded_node(paths, progress):
+    """(the node set loaded, whether there was none before). Under the bpffs lock. A set
+    this call started building and could not finish is removed."""
+    fresh_node = node.read_meta(paths) is None
+    if not fresh_node:
+        # Before the set is loaded: what it decides (attach points, coverage) must not rest
+        # on registrations that are gone.
+        remove_stale(paths, progress)
+    try:
+        return node.ensure_loaded(paths, progress), fresh_node
+    except BaseException:
+        if fresh_node:
+            node.remove(paths)
+        raise
+
+
 def load_node(bpffs, progress=None):
     """The node program set loaded (built if absent or from other sources) with no
     namespace registered yet: what the agent does at start, so that no install compiles.
@@ -131,15 +137,7 @@ def load_node(bpffs, progress=None):
     try:
         with bpffs_lock(bpffs):
             _refuse_other_layouts(paths)
-            fresh_node = node.read_meta(paths) is None
-            if not fresh_node:
-                remove_stale(paths, progress)
-            try:
-                loaded = node.ensure_loaded(paths, progress)
-            except BaseException:
-                if fresh_node:
-                    node.remove(paths)
-                raise
+            loaded, _ = _loaded_node(paths, progress)
             loaded.close()
             return loaded.built
     except BaseException:
