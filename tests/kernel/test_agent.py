@@ -49,7 +49,9 @@ class Agent:
                                      preexec_fn=self.lab._preexec(False), env=self.lab.env())
         log.close()
         self.lab.procs.append(self.proc)
-        self.lab.wait_for(lambda: self._started(), "the agent's ready line")
+        # Ready after the node set's build: seconds here, minutes in an emulated guest
+        # (make kernels-ci), where BCC compiles under TCG.
+        self.lab.wait_for(lambda: self._started(), "the agent's ready line", timeout=900)
         m = re.search(r"http://127\.0\.0\.1:(\d+)", self.text())
         self.port = int(m.group(1))
         return self
