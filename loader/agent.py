@@ -96,6 +96,22 @@ def _meta(paths, name):
         return maps.read_meta(name)
 
 
+def unchanged_since(name, meta):
+    """install's precondition for re-applying a registration read as meta: checked under
+    the bpffs lock, an uninstall or install since then wins (uninstalled stays uninstalled;
+    a new install read the addresses itself)."""
+    seen = (meta.get("generation"), meta.get("config_digest"))
+
+    def check(paths):
+        m = _meta(paths, name)
+        if m is None:
+            return "uninstalled meanwhile"
+        if (m.get("generation"), m.get("config_digest")) != seen:
+            return "installed again meanwhile"
+        return None
+    return check
+
+
 def _watch_socket():
     """A netlink socket, in the calling thread's namespace, told of address and route
     changes. Only its wakeups matter: what changed is read again through pyroute2."""
@@ -314,11 +330,7 @@ class Agent:
         if w is not None:
             w.sock.close()
         forgotten = False
-        try:
-            s = store.read(self.state_dir, name) if name in store.names(self.state_dir) \
-                else None
-        except ConfigError:
-            s = None
+        s = store.read_if_any(self.state_dir, name)
         if s is not None and netns.inode_of(s.netns) is None:
             forgotten = store.forget(self.state_dir, name)
         self.log("gc", f"removed {name!r}: {why}", stored=forgotten)
@@ -406,29 +418,15 @@ class Agent:
             self.log("apply-failed", f"{name!r}: {e}")
             self.stats["apply_failures"] += 1
             return
-        seen = (meta.get("generation"), meta.get("config_digest"))
-
-        def unchanged(paths):
-            # Under the bpffs lock: an uninstall or install since the description was read
-            # wins (uninstalled stays uninstalled; a new install read the addresses itself).
-            m = _meta(paths, name)
-            if m is None:
-                return "uninstalled meanwhile"
-            if (m.get("generation"), m.get("config_digest")) != seen:
-                return "installed again meanwhile"
-            return None
-        self.apply(name, w.path, settings, meta.get("cgroup"), precondition=unchanged)
+        self.apply(name, w.path, settings, meta.get("cgroup"),
+                   precondition=unchanged_since(name, meta))
 
     def _settings_in_force(self, name, meta):
         """The Settings a registration was installed with: the stored ones if they are
         (complete, whatever their length), else read back from its description."""
-        if name in store.names(self.state_dir):
-            try:
-                s = store.read(self.state_dir, name).settings
-                if _in_force(s, meta):
-                    return s
-            except ConfigError:
-                pass
+        s = store.read_if_any(self.state_dir, name)
+        if s is not None and _in_force(s.settings, meta):
+            return s.settings
         try:
             return settings_of_meta(name, meta)
         except ConfigError as e:

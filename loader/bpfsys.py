@@ -173,7 +173,6 @@ def prog_info(prog_fd):
             "run_time_ns": info.run_time_ns, "run_cnt": info.run_cnt}
 
 
-BPF_ENABLE_STATS = 32
 BPF_STATS_RUN_TIME = 0
 
 
@@ -181,23 +180,7 @@ def enable_stats():
     """Count run time and runs of every BPF program for as long as the returned fd is open
     (BPF_ENABLE_STATS, 5.8): unlike the kernel.bpf_stats_enabled sysctl, nothing is left
     on when its holder dies. Raises BpfError where the kernel lacks it."""
-    attr = (ct.c_uint32 * 2)(BPF_STATS_RUN_TIME, 0)
-    libc = ct.CDLL(None, use_errno=True)
-    fd = libc.syscall(SYS_BPF[os.uname().machine], BPF_ENABLE_STATS, ct.byref(attr),
-                      ct.sizeof(attr))
-    if fd < 0:
-        e = ct.get_errno()
-        raise BpfError(e, f"BPF_ENABLE_STATS: {os.strerror(e)}")
-    return fd
-
-
-def stats_enabled():
-    """Whether run statistics are being counted system-wide by the sysctl."""
-    try:
-        with open("/proc/sys/kernel/bpf_stats_enabled") as f:
-            return f.read().strip() == "1"
-    except OSError:
-        return False
+    return _check(libbpf().bpf_enable_stats(BPF_STATS_RUN_TIME), "bpf_enable_stats")
 
 
 class PinnedMap:
@@ -295,7 +278,6 @@ def netns_cookie():
 
 
 SYS_MEMBARRIER = {"x86_64": 324, "aarch64": 283}
-SYS_BPF = {"x86_64": 321, "aarch64": 280}
 MEMBARRIER_CMD_GLOBAL = 1
 
 

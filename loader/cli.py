@@ -89,6 +89,13 @@ def bool_option(name, help):
                         metavar="[=BOOL]", help=help)
 
 
+# The agent's store, for install (--store), uninstall (forgets) and the agent alike.
+STATE_DIR_OPTION = click.option(
+    "--state-dir", default=store.DEFAULT_STATE_DIR, show_default=True, envvar=STATE_DIR_ENV,
+    callback=_checked(config.parse_path),
+    help=f"The agent's store of configurations (env {STATE_DIR_ENV}).")
+
+
 KUMA_OPTIONS = [
     click.option("--config", "config_files", multiple=True, metavar="FILE",
                  help="Kuma config file (YAML or JSON), repeatable or comma list; - is stdin."),
@@ -139,8 +146,7 @@ KUMA_OPTIONS = [
                 "--store-firewalld means the same here."),
     bool_option("--store-firewalld", "Same as --store (Kuma's name: firewalld keeps "
                 "iptables rules across reboots)."),
-    click.option("--state-dir", default=None, metavar="DIR", envvar=STATE_DIR_ENV,
-                 help=f"The agent's store (default /var/lib/ebpf-tproxy; env {STATE_DIR_ENV})."),
+    STATE_DIR_OPTION,
     bool_option("--redirect-inbound-insert-instead-of-append", "(iptables only)"),
     bool_option("--redirect-outbound-insert-instead-of-append", "(iptables only)"),
     bool_option("--skip-dns-conntrack-zone-split", "(iptables only)"),
@@ -338,8 +344,7 @@ def install(**kw):
             click.echo(f"ebpf-tproxy: note: {w}", err=True)
         cgroup = kernel.resolve_cgroup(settings.cgroup_path)
         check_bpffs_path(settings.bpffs_path)
-        state_dir = config.parse_path(kw["state_dir"] or store.DEFAULT_STATE_DIR,
-                                      "--state-dir")
+        state_dir = kw["state_dir"]
         store.check_dir(state_dir)
     except ConfigError as e:
         fail(str(e))
@@ -525,9 +530,7 @@ def status(name, ebpf_bpffs_path, output):
               callback=_checked(config.check_name))
 @click.option("--all", "all_", is_flag=True, help="Every namespace, and the node program set.")
 @bpffs_option
-@click.option("--state-dir", default=store.DEFAULT_STATE_DIR, show_default=True,
-              envvar=STATE_DIR_ENV, callback=_checked(config.parse_path),
-              help="The agent's store: the namespaces' stored configurations go too.")
+@STATE_DIR_OPTION
 def uninstall(name, all_, ebpf_bpffs_path, state_dir):
     """Remove one namespace's registration (the others keep capturing); with the last one,
     or --all, the node program set goes too: links, programs, maps and pins. Safe to run
@@ -566,9 +569,7 @@ def uninstall(name, all_, ebpf_bpffs_path, state_dir):
 
 @main.command()
 @bpffs_option
-@click.option("--state-dir", default=store.DEFAULT_STATE_DIR, show_default=True,
-              envvar=STATE_DIR_ENV, callback=_checked(config.parse_path),
-              help="Where stored configurations live (install --store writes them).")
+@STATE_DIR_OPTION
 @click.option("--metrics-address", default="127.0.0.1:9590", show_default=True,
               help="HOST:PORT for /metrics (Prometheus), /healthz and /readyz; '' for none.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
@@ -626,10 +627,6 @@ def agent(ebpf_bpffs_path, state_dir, metrics_address, log_format, install_unit,
         click.echo(f"wrote {path}; start it with: systemctl daemon-reload && systemctl "
                    f"enable --now {systemd.UNIT_NAME}")
         return
-    try:
-        store.check_dir(state_dir)
-    except ConfigError as e:
-        fail(str(e))
     ver = kernel.check_kernel_version()
     if not ver.ok:
         fail(f"{ver.detail}: {ver.fix}")

@@ -187,6 +187,16 @@ def read(state_dir, name):
     return Stored(name, netns_path, settings, path, mtime)
 
 
+def read_if_any(state_dir, name):
+    """The stored namespace, or None if it is not stored or cannot be read."""
+    if name not in names(state_dir):
+        return None
+    try:
+        return read(state_dir, name)
+    except ConfigError:
+        return None
+
+
 def read_all(state_dir):
     """([Stored], [problem lines]): every stored namespace that reads, and one line for
     each that does not (the others are not held back by it)."""

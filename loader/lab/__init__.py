@@ -13,6 +13,7 @@ namespaces deleted, bpffs unmounted.
 import contextlib
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -173,6 +174,34 @@ class Lab:
                 err = p.stderr.read1(4096) if p.poll() is not None else b""
                 raise RuntimeError(f"{argv} did not start: {line!r} {err!r}")
         return p
+
+    def start_agent(self, *extra, ns=None):
+        """`ebpf-tproxy agent` on the lab's bpffs and store, its metrics on a free loopback
+        port, in namespace ns (None: this process's). Waits for its ready line (after the
+        node set's build: seconds here, minutes in an emulated guest). Returns (process,
+        log path, metrics port)."""
+        if self.tmpdir is None:
+            self.shared_file("agent-logs", "")   # makes the lab's directory
+        log_path = os.path.join(self.tmpdir, f"agent-{len(self.procs)}.log")
+        argv = [PYTHON, "-m", "loader.cli", "agent", "--ebpf-bpffs-path", self.bpffs,
+                "--state-dir", self.state_dir, "--metrics-address", "127.0.0.1:0", *extra]
+        with open(log_path, "w") as log:
+            p = subprocess.Popen(self.command(argv, ns) if ns else argv,
+                                 stdout=subprocess.DEVNULL, stderr=log,
+                                 preexec_fn=self._preexec(False), env=self.env())
+        self.procs.append(p)
+
+        def text():
+            with open(log_path) as f:
+                return f.read()
+
+        def started():
+            if p.poll() is not None:
+                raise RuntimeError(f"the agent exited with {p.returncode}: {text()}")
+            return " ready: " in text() or '"event": "ready"' in text()
+        self.wait_for(started, "the agent's ready line", timeout=900)
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)", text()).group(1))
+        return p, log_path, port
 
     def run(self, argv, ns=None, user=None, in_cgroup=True, timeout=120, check=False,
             resolv=None):

@@ -8,13 +8,12 @@ the lab down the same way.
 """
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import urllib.request
 
-from . import APP_IP4, PYTHON, REMOTE_IP4, REMOTE_IP6, Lab
+from . import APP_IP4, REMOTE_IP4, REMOTE_IP6, Lab
 
 DP_USER = "nobody"
 
@@ -40,28 +39,11 @@ def our_kernel_objects(lab):
 
 
 def start_agent(lab):
-    """The node agent on the lab's bpffs, in this (the host's) namespace, its metrics on a
-    free loopback port; returns (process, metrics URL)."""
-    log_path = os.path.join(lab.tmpdir, "agent.log")
-    state = lab.state_dir
-    with open(log_path, "w") as log:
-        p = subprocess.Popen([PYTHON, "-m", "loader.cli", "agent", "--ebpf-bpffs-path",
-                              lab.bpffs, "--state-dir", state, "--metrics-address",
-                              "127.0.0.1:0"], stdout=subprocess.DEVNULL, stderr=log,
-                             env=lab.env(), start_new_session=True)
-    lab.procs.append(p)
-
-    def text():
-        with open(log_path) as f:
-            return f.read()
-
-    def started():
-        if p.poll() is not None:
-            raise RuntimeError(f"the agent exited: {text()}")
-        return " ready: " in text()
-    lab.wait_for(started, "the agent's ready line")
-    port = re.search(r"http://127\.0\.0\.1:(\d+)", text()).group(1)
-    print("  " + text().rstrip().replace("\n", "\n  "))
+    """The node agent on the lab's bpffs, in this (the host's) namespace; returns (process,
+    metrics URL)."""
+    p, log_path, port = lab.start_agent()
+    with open(log_path) as f:
+        print("  " + f.read().rstrip().replace("\n", "\n  "))
     return p, f"http://127.0.0.1:{port}"
 
 

@@ -9,7 +9,6 @@ as it does on a node."""
 import datetime
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -34,32 +33,14 @@ class Agent:
     """One `ebpf-tproxy agent` process of the lab; its log in a file."""
 
     def __init__(self, lab, state_dir, *extra):
-        self.lab, self.state_dir, self.extra = lab, state_dir, extra
-        self.log_path = os.path.join(lab.tmpdir, f"agent-{len(lab.procs)}.log")
-        self.proc = None
-        self.port = None
+        assert state_dir == lab.state_dir   # the lab's store: EBPF_TPROXY_STATE_DIR
+        self.lab, self.extra = lab, extra
+        self.proc = self.log_path = self.port = None
 
     def start(self):
-        log = open(self.log_path, "w")
-        argv = [PYTHON, "-m", "loader.cli", "agent", "--ebpf-bpffs-path", self.lab.bpffs,
-                "--state-dir", self.state_dir, "--metrics-address", "127.0.0.1:0",
-                *self.extra]
-        self.proc = subprocess.Popen(self.lab.command(argv, ns=self.lab.remote_ns),
-                                     stdout=subprocess.DEVNULL, stderr=log,
-                                     preexec_fn=self.lab._preexec(False), env=self.lab.env())
-        log.close()
-        self.lab.procs.append(self.proc)
-        # Ready after the node set's build: seconds here, minutes in an emulated guest
-        # (make kernels-ci), where BCC compiles under TCG.
-        self.lab.wait_for(lambda: self._started(), "the agent's ready line", timeout=900)
-        m = re.search(r"http://127\.0\.0\.1:(\d+)", self.text())
-        self.port = int(m.group(1))
+        self.proc, self.log_path, self.port = self.lab.start_agent(*self.extra,
+                                                                   ns=self.lab.remote_ns)
         return self
-
-    def _started(self):
-        if self.proc.poll() is not None:
-            raise AssertionError(f"agent exited {self.proc.returncode}: {self.text()}")
-        return "ready" in self.events()
 
     def text(self):
         with open(self.log_path) as f:
@@ -302,23 +283,16 @@ def test_a_failed_apply_is_tried_again_without_a_signal(lab, state_dir):
 def test_an_uninstall_while_an_address_change_is_applied_wins(lab, state_dir):
     """The agent's apply carries what it read; under the bpffs lock, an uninstall (or
     install) since then wins and the apply is skipped: nothing is registered again."""
-    from loader import lifecycle, node
-    from loader.agent import _meta, settings_of_meta
+    from loader import lifecycle
+    from loader.agent import settings_of_meta, unchanged_since
     listeners(lab)
     install(lab, state_dir)
-    paths = node.NodePaths(lab.bpffs)
-    meta = _meta(paths, "default")
+    meta = status(lab)["default"]["meta"]
     assert lab.tproxy("uninstall").returncode == 0
-    seen = (meta["generation"], meta["config_digest"])
-
-    def unchanged(p):
-        m = _meta(p, "default")
-        return "uninstalled meanwhile" if m is None else (
-            None if (m["generation"], m["config_digest"]) == seen else "changed")
     with pytest.raises(lifecycle.Skipped, match="uninstalled meanwhile"):
         netns.run_in(f"/run/netns/{lab.app_ns}", lifecycle.install,
                      settings_of_meta("default", meta), meta["cgroup"],
-                     precondition=unchanged)
+                     precondition=unchanged_since("default", meta))
     assert status(lab) == {}
     assert first(lab, REMOTE_IP4, 8000) == "remote"
 
