@@ -143,7 +143,8 @@ def _in_force(settings, meta):
 
 
 class Agent:
-    def __init__(self, bpffs, state_dir, log, metrics_address=None, store_grace=600):
+    def __init__(self, bpffs, state_dir, log, metrics_address=None, store_grace=600,
+                 cni_socket=None):
         self.bpffs, self.state_dir, self.log = bpffs, state_dir, log
         self.paths = NodePaths(bpffs)
         self.metrics_address = metrics_address
@@ -164,6 +165,8 @@ class Agent:
         self._lock_fd = None
         self._wake_r = self._wake_w = None
         self.server = None
+        self.cni_socket = cni_socket
+        self.cni = None            # loader/cni/server.py, once the node set is loaded
 
     # ------------------------------------------------------------------ lifecycle
     def start(self):
@@ -179,6 +182,10 @@ class Agent:
                 host = f"[{host}]" if ":" in host else host
                 self.log("listening", f"metrics and health on http://{host}:{port}")
             self.ensure_node()
+            if self.cni_socket:
+                from .cni.server import CNIServer
+                self.cni = CNIServer(self.cni_socket, self.log)
+                self.log("listening", f"CNI requests on {self.cni_socket}")
             self.apply_store("start")
             self.sync()
         except BaseException:
@@ -244,6 +251,10 @@ class Agent:
         """Stop serving. A clean stop with no namespace registered removes the node set the
         agent loaded (nothing is left behind); otherwise every pin stays."""
         systemd.notify("STOPPING=1")
+        if self.cni is not None:
+            # First: an ADD from now on is told to try again, not served half-way.
+            self.cni.close()
+            self.cni = None
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()

@@ -336,9 +336,16 @@ def install(**kw):
         nsenter --net=/run/netns/pod1 ebpf-tproxy install --redirect-dns \\
           --ebpf-cgroup-path /sys/fs/cgroup/unified/pod1 --name pod1
     """
+    # kuma-init parity: in a pod's init container (the API server's variables are set and
+    # neither --name nor --netns is given) every pod would be "default": each is named by
+    # its network namespace instead, and the proxy's uid need not exist in this image.
+    ctx = click.get_current_context()
+    in_pod = "KUBERNETES_SERVICE_HOST" in os.environ and kw["netns"] is None and \
+        ctx.get_parameter_source("name") == click.core.ParameterSource.DEFAULT
+    name = f"pod-{netns.current_inode()}" if in_pod else kw["name"]
     try:
         settings, warnings = config.load(kw["config_files"], flags=flags_from(kw),
-                                         name=kw["name"])
+                                         name=name, pod_uid=in_pod)
         warnings += namespace.dns_servers(settings)[1]
         for w in warnings:
             click.echo(f"ebpf-tproxy: note: {w}", err=True)
@@ -406,6 +413,12 @@ def install(**kw):
         fail(f"install failed and was rolled back: {e}", EXIT_FAILED)
     for w in p.get("warnings", []):
         click.echo(f"ebpf-tproxy: warning: {w}", err=True)
+    if in_pod and not lifecycle.agent_running(settings.bpffs_path):
+        click.echo(f"ebpf-tproxy: note: no ebpf-tproxy agent serves {settings.bpffs_path} (or "
+                   f"{lifecycle.MOUNT_MARKER_DIR} is not shared with this container): the "
+                   "pod is captured, but its address changes are not followed and, once "
+                   "the pod is gone, its entries wait for the next install, status or "
+                   "uninstall on this node; deploy the ebpf-tproxy DaemonSet", err=True)
     if unstored:
         # The store says what is installed: the agent applies it again after a reboot.
         click.echo(f"ebpf-tproxy: note: {settings.name!r} is no longer stored (installed "
@@ -470,6 +483,10 @@ def status(name, ebpf_bpffs_path, output):
                 click.echo(f"namespace {e['name']}: {e.get('note')}")
                 continue
             click.echo(f"namespace {e['name']}")
+            labels = meta.get("labels") or {}
+            if labels:   # who registered it (the CNI plugin: its pod and attachment)
+                click.echo(f"  registered by {labels.get('owner', '?')}: " + ", ".join(
+                    f"{k} {v}" for k, v in sorted(labels.items()) if k != "owner"))
             click.echo(f"  cgroup        {meta.get('cgroup', '?')}"
                        + (f" (through {meta['attached_at']})"
                           if meta.get("attached_at") not in (None, meta.get("cgroup")) else ""))
@@ -582,8 +599,11 @@ def uninstall(name, all_, ebpf_bpffs_path, state_dir):
 @click.option("--store-grace", type=int, default=600, show_default=True, metavar="SECONDS",
               help="How long a stored namespace that does not exist is waited for (made "
                    "after the agent started at boot) before it is dropped from the store.")
+@click.option("--cni-socket", default="", metavar="PATH",
+              help="Serve the CNI plugin's requests on this unix socket (the DaemonSet "
+                   "uses /run/ebpf-tproxy/cni.sock); '' for none.")
 def agent(ebpf_bpffs_path, state_dir, metrics_address, log_format, install_unit, remove_unit,
-          unit_dir, store_grace):
+          unit_dir, store_grace, cni_socket):
     """Run the node agent: load the node program set once, apply stored configurations
     (after a reboot too), follow every registered namespace's addresses, remove namespaces
     that disappeared, reload on SIGHUP, serve metrics and health. Capture never depends on
@@ -596,6 +616,7 @@ def agent(ebpf_bpffs_path, state_dir, metrics_address, log_format, install_unit,
       ebpf-tproxy agent --install-unit && systemctl daemon-reload && \\
           systemctl enable --now ebpf-tproxy-agent
       curl -s 127.0.0.1:9590/metrics | grep ebpf_tproxy_decisions_total
+      ebpf-tproxy agent --cni-socket /run/ebpf-tproxy/cni.sock   # serves the CNI plugin
     SIGHUP (systemctl reload) re-reads the store; SIGTERM stops it (the node program set
     goes too when no namespace is registered).
     """
@@ -607,6 +628,8 @@ def agent(ebpf_bpffs_path, state_dir, metrics_address, log_format, install_unit,
             metrics.parse_address(metrics_address)
         if store_grace < 0:
             raise ConfigError(f"--store-grace: {store_grace} is negative; give seconds >= 0")
+        if cni_socket:
+            config.parse_path(cni_socket, "--cni-socket")
     except ConfigError as e:
         fail(str(e))
     if install_unit or remove_unit:
@@ -621,6 +644,8 @@ def agent(ebpf_bpffs_path, state_dir, metrics_address, log_format, install_unit,
             args = ["--ebpf-bpffs-path", ebpf_bpffs_path, "--state-dir", state_dir,
                     "--metrics-address", metrics_address, "--log-format", log_format,
                     "--store-grace", str(store_grace)]
+            if cni_socket:
+                args += ["--cni-socket", cni_socket]
             path = systemd.install_unit(args, d, bpffs=ebpf_bpffs_path, state_dir=state_dir)
         except OSError as e:
             fail(f"cannot write in {d}: {e.strerror} (run as root)", EXIT_FAILED)
@@ -637,7 +662,7 @@ def agent(ebpf_bpffs_path, state_dir, metrics_address, log_format, install_unit,
         fail(str(e))
     log = agent_mod.Log(log_format)
     a = agent_mod.Agent(ebpf_bpffs_path, state_dir, log, metrics_address or None,
-                        store_grace=store_grace)
+                        store_grace=store_grace, cni_socket=cni_socket or None)
     try:
         a.start()
     except (ConfigError, agent_mod.AgentError) as e:
@@ -648,6 +673,101 @@ def agent(ebpf_bpffs_path, state_dir, metrics_address, log_format, install_unit,
         a.run()
     finally:
         a.close()
+
+
+@main.group()
+def cni():
+    """The chained CNI plugin for Kubernetes nodes (type "ebpf-tproxy").
+
+    \b
+    Example:
+      ebpf-tproxy cni install --cni-bin-dir /host/opt/cni/bin \\
+          --cni-conf-dir /host/etc/cni/net.d
+      ebpf-tproxy cni uninstall --cni-bin-dir /opt/cni/bin --cni-conf-dir /etc/cni/net.d
+    The plugin asks the agent (ebpf-tproxy agent --cni-socket ...) to register each
+    injected pod's network namespace; see README "Kubernetes".
+    """
+
+
+CNI_DIR_OPTIONS = [
+    click.option("--cni-bin-dir", default="/opt/cni/bin", show_default=True,
+                 help="Where the runtime finds CNI plugins."),
+    click.option("--cni-conf-dir", default="/etc/cni/net.d", show_default=True,
+                 help="Where the runtime reads network configurations."),
+]
+
+
+@cni.command("install")
+@with_options(CNI_DIR_OPTIONS)
+@click.option("--agent-socket", default="/run/ebpf-tproxy/cni.sock", show_default=True,
+              help="The agent's CNI socket, as the node sees it.")
+@click.option("--ebpf-bpffs-path", default="/sys/fs/bpf", show_default=True,
+              help="The node's bpffs (as the agent sees it).")
+@click.option("--ebpf-cgroup-path", default="",
+              help="Where the node program set attaches (default: the cgroup2 root).")
+@click.option("--kubeconfig", default="",
+              help="For pods whose runtime passes no annotations: read them from the API.")
+@click.option("--exclude-namespaces", default="kube-system", show_default=True,
+              help="Kubernetes namespaces never captured (comma list).")
+@click.option("--interval", type=float, default=1.0, show_default=True,
+              help="Seconds between checks that the chain still holds the plugin.")
+@click.option("--once", is_flag=True, help="Install and exit (no watch, no revert).")
+@click.option("--ready-file", default="", help="Created once chained (a readiness probe).")
+def cni_install(cni_bin_dir, cni_conf_dir, agent_socket, ebpf_bpffs_path, ebpf_cgroup_path,
+                kubeconfig, exclude_namespaces, interval, once, ready_file):
+    """Put the plugin into the CNI bin dir and chain it into the node's network
+    configuration; keep it chained; revert both on SIGTERM (what Kuma's install-cni does).
+
+    \b
+    Example:
+      KUMA_RUNTIME_KUBERNETES_SIDECAR_TRAFFIC_EXCLUDE_OUTBOUND_PORTS=22 \\
+        ebpf-tproxy cni install --cni-bin-dir /host/opt/cni/bin \\
+          --cni-conf-dir /host/etc/cni/net.d --ready-file /tmp/ready
+    The KUMA_RUNTIME_KUBERNETES_* variables of its environment become the node's
+    defaults for pods (the annotations of each pod override them).
+    """
+    from .cni import install as cni_inst
+    try:
+        for value, what in ((agent_socket, "--agent-socket"),
+                            (ebpf_bpffs_path, "--ebpf-bpffs-path")):
+            config.parse_path(value, what)
+        if ebpf_cgroup_path:
+            config.parse_path(ebpf_cgroup_path, "--ebpf-cgroup-path")
+        if interval <= 0:
+            raise ConfigError(f"--interval: {interval} is not a positive number of seconds")
+    except ConfigError as e:
+        fail(str(e))
+    ours = cni_inst.entry(agent_socket, ebpf_bpffs_path, ebpf_cgroup_path, kubeconfig,
+                          [n for n in exclude_namespaces.split(",") if n.strip()])
+    try:
+        cni_inst.run(cni_bin_dir, cni_conf_dir, ours, interval=interval, once=once,
+                     say=lambda m: click.echo(f"ebpf-tproxy cni: {m}", err=True),
+                     ready_file=ready_file or None)
+    except cni_inst.InstallError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"cni install failed: {e}", EXIT_FAILED)
+
+
+@cni.command("uninstall")
+@with_options(CNI_DIR_OPTIONS)
+def cni_uninstall(cni_bin_dir, cni_conf_dir):
+    """Remove the plugin from every network configuration of the conf dir (restoring a
+    configuration it wrapped) and its binary from the bin dir.
+
+    \b
+    Example:
+      ebpf-tproxy cni uninstall --cni-bin-dir /opt/cni/bin --cni-conf-dir /etc/cni/net.d
+    """
+    from .cni import install as cni_inst
+    try:
+        changed = cni_inst.revert(cni_conf_dir)
+        gone = cni_inst.remove_binary(cni_bin_dir)
+    except OSError as e:
+        fail(f"cni uninstall failed: {e}", EXIT_FAILED)
+    for path in changed:
+        click.echo(f"reverted {path}")
+    click.echo(f"removed {cni_bin_dir}/ebpf-tproxy" if gone else "no plugin binary to remove")
 
 
 @main.command()

@@ -131,7 +131,8 @@ IPTABLES_ONLY = {
     "waitInterval": "not applicable to eBPF: there is no xtables lock",
     "dropInvalidPackets": "not applicable to eBPF: no NAT conntrack state, so no "
                           "INVALID packets to drop",
-    "cniMode": "not applicable: ebpf-tproxy is not a CNI plugin",
+    "cniMode": "ignored: the CNI plugin is the separate 'ebpf-tproxy' plugin (README, "
+               "Kubernetes)",
     "ebpf.tcAttachIface": "ignored: no tc program is used (sk_lookup covers every "
                           "interface of the namespace)",
     "ebpf.programsSourcePath": "ignored: the programs are built in and compiled at install",
@@ -505,8 +506,15 @@ def read_config_file(name, stdin=None):
         text = raw.decode() if isinstance(raw, bytes) else raw
     except UnicodeDecodeError as e:
         raise ConfigError(f"{where}: not UTF-8 (byte {e.start}); save it as UTF-8") from None
+    return parse_document(text, where)
+
+
+def parse_document(text, where):
+    """One Kuma config document (YAML or JSON) -> ({path: raw value}, unknown keys)."""
     if "\x00" in text:
-        raise ConfigError(f"{where}: contains a NUL byte; {fix}")
+        raise ConfigError(f"{where}: contains a NUL byte; give a Kuma config document")
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where}: larger than {MAX_CONFIG_BYTES // 1024} KiB")
     try:
         doc = _parse_document(text, where)
     except RecursionError:
@@ -679,8 +687,15 @@ def compact_ports(ports):
     return ",".join(out)
 
 
-def resolve_dp_user(value):
-    """Kuma: a name or a uid that exists; default uid 5678, else user kuma-dp."""
+def resolve_dp_user(value, pod_uid=False):
+    """Kuma: a name or a uid that exists; default uid 5678, else user kuma-dp.
+    pod_uid: the user may live in a pod's image, not in this host's user database (the CNI
+    plugin, and a configuration this tool wrote): a uid is then taken as it is."""
+    if pod_uid and value and parse_uint(str(value).strip()) is not None:
+        uid = parse_uint(str(value).strip())
+        if uid >= 2**32 - 1:
+            raise ConfigError(f"--kuma-dp-user: {value!r} is not a valid uid")
+        return uid, str(uid)
     if value:
         v = str(value).strip()
         uid = parse_uint(v)
@@ -710,9 +725,10 @@ def notes_for(values):
             if values[path] != LEAVES[path][0]]
 
 
-def settings_from(values, name="default", environ=None):
+def settings_from(values, name="default", environ=None, pod_uid=False):
     """Validate merged values into Settings. Host facts (cgroup2, bpffs, instance IP) are
-    checked later by the install step; this only needs the user database."""
+    checked later by the install step; this only needs the user database (not even that
+    with pod_uid: see resolve_dp_user)."""
     check_name(name)
     for path, why in NOT_YET.items():
         if values[path] != LEAVES[path][0]:
@@ -721,7 +737,7 @@ def settings_from(values, name="default", environ=None):
     if not values["ebpf.enabled"]:
         raise ConfigError("--ebpf-enabled=false: this tool only does the eBPF mode; use "
                           "kumactl install transparent-proxy for iptables")
-    dp_uid, dp_user = resolve_dp_user(values["kumaDPUser"])
+    dp_uid, dp_user = resolve_dp_user(values["kumaDPUser"], pod_uid)
     rules = tuple(parse_uid_rule(t) for t in values["redirect.outbound.excludePortsForUIDs"])
     if len(rules) > abi.TP_MAX_UID_RULES:
         raise ConfigError(f"--exclude-outbound-ports-for-uids: {len(rules)} entries; at most "
@@ -823,12 +839,16 @@ def settings_from_document(doc, name, where):
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; write it again with "
                           "'ebpf-tproxy install --store'")
-    return settings_from(merge(Layers(files=[(where, vals)])), name=name, environ={})
+    # pod_uid: a uid written here was checked when it was installed (a pod's proxy uid
+    # need not exist in this host's user database).
+    return settings_from(merge(Layers(files=[(where, vals)])), name=name, environ={},
+                         pod_uid=True)
 
 
-def load(config_sources=(), environ=None, flags=None, name="default", stdin=None):
+def load(config_sources=(), environ=None, flags=None, name="default", stdin=None,
+         pod_uid=False):
     """All layers -> (Settings, warnings). config_sources: --config values (each may be a
-    comma list)."""
+    comma list). pod_uid: see resolve_dp_user (kuma-init in a pod)."""
     environ = os.environ if environ is None else environ
     layers = Layers(env=env_layer(environ), flags=dict(flags or {}))
     for src in config_sources:
@@ -838,7 +858,7 @@ def load(config_sources=(), environ=None, flags=None, name="default", stdin=None
             layers.warnings += [f"config {part}: unknown key {k!r} ignored (Kuma ignores it "
                                 "too; check the spelling)" for k in unknown]
     values = merge(layers)
-    return settings_from(values, name=name, environ=environ), \
+    return settings_from(values, name=name, environ=environ, pod_uid=pod_uid), \
         layers.warnings + notes_for(values)
 
 

@@ -52,9 +52,11 @@ class Skipped(Exception):
     """install's precondition no longer held once the lock was taken: nothing was done."""
 
 
-def install(settings: Settings, cgroup_path, progress=None, precondition=None, then=None):
+def install(settings: Settings, cgroup_path, progress=None, precondition=None, then=None,
+            labels=None):
     """Register the caller's network namespace (install or update in place). Returns the
-    plan now in force.
+    plan now in force. labels (a small dict of strings) are kept in its description: who
+    registered it and for what (the CNI plugin's pod and attachment).
 
     Under the bpffs lock, so that nothing changes between them: precondition(paths), before
     anything is done, returns None to go on or the reason to raise Skipped (the agent's
@@ -71,7 +73,7 @@ def install(settings: Settings, cgroup_path, progress=None, precondition=None, t
                     raise Skipped(reason)
             loaded, fresh_node = _loaded_node(paths, progress)
             try:
-                p = _install_locked(settings, cgroup_path, paths, loaded, progress)
+                p = _install_locked(settings, cgroup_path, paths, loaded, progress, labels)
             except BaseException:
                 if fresh_node:
                     _log(progress, "install failed: removing the node program set it built")
@@ -266,7 +268,7 @@ def _add_lo_address(maps, settings, p, existing, adding):
     return added
 
 
-def _install_locked(settings, cgroup_path, paths, loaded, progress):
+def _install_locked(settings, cgroup_path, paths, loaded, progress, labels=None):
     cookie, how = probe.learn_netns_cookie(
         (loaded.fd("learn_netns_cookie"), paths.map("tp_learned_cookie")))
     if not cookie:
@@ -279,6 +281,10 @@ def _install_locked(settings, cgroup_path, paths, loaded, progress):
     p["config_digest"] = config.digest_of(settings)   # as given: before auto is resolved
     with namespace.NodeMaps(paths) as maps:
         existing = maps.read_meta(settings.name)
+        # An update that gives none (the agent's re-apply) keeps the labels it had.
+        labels = labels if labels is not None else (existing or {}).get("labels")
+        if labels:
+            p["labels"] = dict(labels)
         if existing and existing.get("cgroup") != cgroup_path:
             raise InstallError(
                 f"{settings.name!r} is attached to {existing.get('cgroup')}; uninstall it "

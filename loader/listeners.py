@@ -3,8 +3,9 @@
 sock_ops registers the proxy's inbound listener when it calls listen(), and bind4/6 mark
 the proxy's listeners with their namespace (tp_sk_ns) when they bind. A proxy started
 before install has done both already, so install finds its listening sockets itself: the
-socket table of the namespace (/proc/net/tcp, tcp6) gives the inode of each socket
-listening on a redirect port, /proc/PID/fd gives a process of the captured cgroup that
+namespace's listening sockets (sock_diag, which walks only the listening hash: /proc/net/tcp
+walks every connection of every namespace on the host, 8 ms a read on a busy node) give
+the inode of each socket listening on a redirect port, /proc/PID/fd gives a process of the captured cgroup that
 holds it, and pidfd_getfd() (Linux >= 5.6) gives install a copy of the descriptor to put
 in tp_listeners (inbound port) and to mark in tp_sk_ns (both ports). Later restarts are
 the programs' job again.
@@ -16,39 +17,33 @@ import socket
 from . import abi, bpfsys, kernel
 
 SYS_PIDFD_GETFD = 438   # the same number on x86_64 and arm64
-TCP_LISTEN = "0A"
+TCP_LISTEN = 10
 
 
-def _loopback(hex_addr):
-    """/proc/net/tcp{,6} local address (hex, 32-bit words in host order) is loopback:
-    127.0.0.0/8, ::1, or ::ffff:127.x.x.x, as tp_addr_is_loopback_net() in BPF."""
-    a = hex_addr.upper()
-    if len(a) == 8:
-        return a.endswith("7F")                       # first byte 127, printed last
-    if a == "00000000000000000000000001000000":
-        return True
-    return a.startswith("0000000000000000FFFF0000") and a.endswith("7F")
+def _loopback(addr):
+    """A listening address that is loopback: 127.0.0.0/8, ::1, or ::ffff:127.x.x.x, as
+    tp_addr_is_loopback_net() in BPF."""
+    import ipaddress
+    ip = ipaddress.ip_address(addr)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
 
 
 def listening_inodes(port, loopback=False):
     """{inode: TP_LISTENER_V4/V6} of sockets listening on port in this namespace, except
     loopback-only ones unless asked (sock_ops never registers those for inbound: they never
     receive connections from other hosts)."""
+    from pyroute2.netlink.diag import DiagSocket
     out = {}
-    # thread-self: the calling thread's namespace (the agent enters one per thread).
-    for path, key in (("/proc/thread-self/net/tcp", abi.TP_LISTENER_V4),
-                      ("/proc/thread-self/net/tcp6", abi.TP_LISTENER_V6)):
-        try:
-            with open(path) as f:
-                next(f)
-                for line in f:
-                    cols = line.split()
-                    addr, _, hport = cols[1].rpartition(":")
-                    if cols[3] == TCP_LISTEN and int(hport, 16) == port and \
-                            (loopback or not _loopback(addr)):
-                        out[int(cols[9])] = key
-        except FileNotFoundError:
-            continue
+    # Made in the calling thread, so in its namespace (the agent enters one per thread).
+    with DiagSocket() as diag:
+        diag.bind()
+        for family, key in ((socket.AF_INET, abi.TP_LISTENER_V4),
+                            (socket.AF_INET6, abi.TP_LISTENER_V6)):
+            for msg in diag.get_sock_stats(family=family, states=1 << TCP_LISTEN):
+                if msg["idiag_sport"] == port and \
+                        (loopback or not _loopback(msg["idiag_src"])):
+                    out[msg["idiag_inode"]] = key
     return out
 
 

@@ -159,6 +159,15 @@ def _pinned_current(paths, meta):
     return fds
 
 
+def is_current(paths):
+    """Whether the pinned node set was built from these sources: an install would then
+    build nothing (what the CNI plugin, which must never compile, checks first)."""
+    fds = _pinned_current(paths, read_meta(paths))
+    for fd in (fds or {}).values():
+        os.close(fd)
+    return fds is not None
+
+
 def ensure_loaded(paths, progress=None):
     """The node program set, loaded: the pinned one when it was built from these sources
     (the fast path: no compiler), else built, pinned and swapped onto every existing link."""

@@ -146,9 +146,14 @@ class Lab:
             wrapped += ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                         'mount --bind "$0" /etc/resolv.conf && exec "$@"', resolv]
         if user is not None:
-            ent = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
-            wrapped += ["setpriv", f"--reuid={ent.pw_uid}", f"--regid={ent.pw_gid}",
-                        "--clear-groups"]
+            try:
+                ent = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
+                uid, gid = ent.pw_uid, ent.pw_gid
+            except KeyError:
+                if not isinstance(user, int):
+                    raise
+                uid = gid = user   # a pod's uid (Kuma's 5678): no entry on the host
+            wrapped += ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
         return wrapped + list(argv)
 
     def _preexec(self, in_cgroup):

@@ -43,11 +43,10 @@ def test_redirect_dns_and_all_dns_traffic_are_exclusive():
     assert flags_from({"redirect_dns": "true"})["redirect.dns.enabled"] == "true"
 
 
-def test_proc_net_loopback_addresses_match_the_bpf_check():
+def test_listening_loopback_addresses_match_the_bpf_check():
     from loader.listeners import _loopback
-    assert _loopback("0100007F") and _loopback("0600007F")          # 127.0.0.1, 127.0.0.6
-    assert not _loopback("010012C6")                               # 198.18.0.1
-    assert _loopback("00000000000000000000000001000000")           # ::1
-    assert _loopback("0000000000000000FFFF00000100007F")           # ::ffff:127.0.0.1
-    assert not _loopback("00000000000000000000000000000000")       # ::
-    assert not _loopback("0000000000000000FFFF0000010012C6")       # ::ffff:198.18.0.1
+    assert _loopback("127.0.0.1") and _loopback("127.0.0.6")
+    assert not _loopback("198.18.0.1")
+    assert _loopback("::1") and _loopback("::ffff:127.0.0.1")
+    assert not _loopback("::") and not _loopback("0.0.0.0")
+    assert not _loopback("::ffff:198.18.0.1")
