@@ -185,7 +185,7 @@ def run(bin_dir, conf_dir, ours, interval=1.0, wait=300.0, once=False, say=print
         if once:
             return
         while not stop:
-            time.sleep(interval)   # the re-check period (signals end the sleep)
+            time.sleep(interval)   # the re-check period (a signal is seen when it ends)
             if not stop and not patched(conf_dir, ours):
                 try:
                     say(f"the configuration changed: chained again into "

@@ -290,7 +290,7 @@ def handle(environ, stdin_bytes):
     except Exception as e:   # a bug must still answer in the protocol, not with a traceback
         import traceback
         traceback.print_exc(file=sys.stderr)
-        return 1, proto._dump(CNIError(proto.INTERNAL, f"internal error: {e}").result(
+        return 1, proto.dump(CNIError(proto.INTERNAL, f"internal error: {e}").result(
             proto.LATEST))
 
 

@@ -153,18 +153,18 @@ def serve(environ, stdin_bytes, handlers):
     """Run one invocation: (exit code, stdout bytes). handlers: {verb: fn(Request) -> dict
     to print or None}."""
     if environ.get("CNI_COMMAND") == "VERSION":
-        return 0, _dump(version_result(stdin_bytes))
+        return 0, dump(version_result(stdin_bytes))
     version = version_result(stdin_bytes)["cniVersion"]   # errors answer in the request's
     try:
         req = Request(environ, stdin_bytes)
         version = req.version
         out = handlers[req.command](req)
-        return 0, _dump(out) if out is not None else b""
+        return 0, dump(out) if out is not None else b""
     except CNIError as e:
-        return 1, _dump(e.result(version))
+        return 1, dump(e.result(version))
 
 
-def _dump(obj):
+def dump(obj):
     return (json.dumps(obj) + "\n").encode()
 
 
