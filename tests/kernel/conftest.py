@@ -145,9 +145,9 @@ def pytest_generate_tests(metafunc):
         "conntrack" in metafunc.fixturenames
     nb = getattr(metafunc.module, "NEIGHBOURS_TOO", False) and \
         "neighbours" in metafunc.fixturenames
-    # kernels-ci runs the conntrack and neighbours labs only where a test asks for it
-    # (conntrack_ci): what they change does not depend on the kernel (test_node.py covers
-    # several namespaces there), and every test costs a minute under emulation.
+    # kernels-ci skips the conntrack and neighbours labs: what they change does not depend
+    # on the kernel (test_node.py covers several namespaces there), and every test costs a
+    # minute or two under emulation, inside CI's 90-minute budget.
     variants = [pytest.param(False, False, id="clean")]
     if ct:
         variants.append(pytest.param(True, False, id="conntrack",

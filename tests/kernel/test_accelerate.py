@@ -21,7 +21,9 @@ from loader.lab import REMOTE_IP4, REMOTE_IP6
 from .conftest import DP_UID, has, haproxy_config, install, requires
 from .residue import snapshot, wait_back_to
 
-pytestmark = pytest.mark.kernel_ci   # make kernels-ci runs this module
+# make kernels-ci runs every test here but test_switched_off_with_false (the same code path
+# as auto on a kernel without acceleration, which test_auto_... covers there).
+CI = pytest.mark.kernel_ci
 
 ACCEL = ("sockhash/sk_msg + sk_storage", "sock_ops netns cookie")
 needs_accel = requires(*ACCEL)
@@ -81,6 +83,7 @@ def hold_connection(lab):
     return say
 
 
+@CI
 @needs_accel
 def test_haproxy_bulk_is_byte_exact_and_accelerated(lab):
     echo_lab(lab)
@@ -99,6 +102,7 @@ def test_haproxy_bulk_is_byte_exact_and_accelerated(lab):
     assert (st["accelerated_sockets"], st["tracked_connections"]) == (0, 0)
 
 
+@CI
 @needs_accel
 def test_small_writes_right_after_connect_keep_their_order(lab):
     # Many 1..16-byte writes from the first moment: the application can write before the
@@ -112,6 +116,7 @@ def test_small_writes_right_after_connect_keep_their_order(lab):
     assert c["accel_msgs_redirected"] > 0, c
 
 
+@CI
 @needs_accel
 def test_a_socket_whose_peer_left_stays_on_tcp(lab):
     # The proxy's end leaves tp_accel (removed by the test, as a full map or a race with
@@ -133,6 +138,7 @@ def test_a_socket_whose_peer_left_stays_on_tcp(lab):
     assert c["accel_msgs_redirected"] == c0["accel_msgs_redirected"], c
 
 
+@CI
 @needs_accel
 def test_ipv6_is_accelerated_too(lab):
     echo_lab(lab, proxy="lab")   # HAProxy 2.6 asks SO_ORIGINAL_DST for IPv4 only
@@ -152,6 +158,7 @@ def test_switched_off_with_false(lab):
     assert (c["accel_sockets_added"], c["accel_msgs_redirected"]) == (0, 0), c
 
 
+@CI
 def test_auto_is_on_exactly_where_the_kernel_supports_it(lab):
     """The default (auto): accelerated where check's probes say the kernel can, TCP
     otherwise, and install says which (runs on every kernel: make kernels shows both)."""
@@ -171,6 +178,7 @@ def test_auto_is_on_exactly_where_the_kernel_supports_it(lab):
         assert (c["accel_sockets_added"], c["accel_msgs_redirected"]) == (0, 0), c
 
 
+@CI
 @needs_accel
 def test_upgrade_and_uninstall_leave_open_connections_working(lab):
     echo_lab(lab)
@@ -195,6 +203,7 @@ def test_upgrade_and_uninstall_leave_open_connections_working(lab):
     assert wait_back_to(before) == {}
 
 
+@CI
 @pytest.mark.skipif(HAS_ACCEL, reason="this kernel has what --ebpf-accelerate needs; the "
                     "refusal is shown on kernels without it (make kernels: 5.10)")
 def test_refused_on_a_kernel_without_it(lab):

@@ -152,7 +152,6 @@ def test_an_address_added_after_install_is_local_within_a_second(lab, state_dir)
     assert agent.get("/healthz") == (200, "ok\n")
 
 
-@pytest.mark.kernel_ci
 def test_an_emptied_bpffs_gets_every_stored_namespace_back_and_no_gone_one(lab, state_dir):
     """The reboot case: the bpffs is empty when the agent starts; each stored namespace
     that exists is captured again, one that no longer exists is dropped from the store."""

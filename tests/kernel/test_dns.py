@@ -48,7 +48,6 @@ def getent(lab, user=APP_UID):
     return r.stdout.split()[0] if r.returncode == 0 else f"failed: {r.returncode}"
 
 
-@pytest.mark.kernel_ci
 def test_glibc_and_python_resolvers_get_the_mesh_answer(dns):
     install(dns, "--redirect-dns", "--config", dns.config)
     assert getent(dns) == MESH

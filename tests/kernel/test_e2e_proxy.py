@@ -31,7 +31,6 @@ def server(lab):
 
 
 @pytest.mark.kernel_ci
-@pytest.mark.conntrack_ci
 def test_haproxy_debian_package_learns_original_destination(server):
     lab = server
     assert shutil.which("haproxy"), "make setup installs haproxy"

@@ -64,7 +64,6 @@ def our_prog_ids(lab):
     return sorted(cgroup_attachments(lab.cgroup)), sorted(pinned)
 
 
-@pytest.mark.kernel_ci
 def test_programs_are_loaded_once_and_installs_after_the_first_need_no_compiler(lab, tmp_path):
     listeners(lab)
     install(lab)
@@ -106,7 +105,6 @@ def test_namespaces_side_by_side_each_decide_by_their_own_settings(lab):
         == (1, 1)
 
 
-@pytest.mark.kernel_ci
 def test_uninstalling_one_namespace_leaves_the_others_capturing(lab):
     listeners(lab)
     before = snapshot()

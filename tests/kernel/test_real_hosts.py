@@ -40,8 +40,7 @@ def install_other(lab, name, cgroup, netns, *args):
 
 # ---------------------------------------------------------------- several instances
 
-@pytest.mark.parametrize("layout", ["siblings", pytest.param("nested", marks=CI),
-                                    "same-cgroup"])
+@pytest.mark.parametrize("layout", ["siblings", "nested", "same-cgroup"])
 def test_several_instances_each_answer_for_their_own(lab, layout):
     # Two pods, each with its own instance and configuration. Nested: the outer instance
     # (on the lab's cgroup) also runs for the inner pod's sockets, after the inner one;
@@ -115,7 +114,7 @@ def test_every_reuseport_listener_is_registered_and_one_closing_loses_nothing(la
 
 # ---------------------------------------------------------------- full connection table
 
-@pytest.mark.parametrize("conntrack", [pytest.param(False, marks=CI), True],
+@pytest.mark.parametrize("conntrack", [False, True],
                          ids=["clean", "conntrack"], indirect=True)
 @pytest.mark.alone("its node set is built with a table of 4 (EBPF_TPROXY_TEST_CONN_MAX)")
 def test_a_full_connection_table_is_counted_and_never_answers_wrong(lab, conntrack):

@@ -60,7 +60,6 @@ def tree_modes(bpffs):
     return out
 
 
-@pytest.mark.kernel_ci
 def test_install_mounts_bpffs_0700_and_makes_a_root_only_tree_under_any_umask(lab, own_bpffs):
     listeners(lab)
     # umask 000: what install creates must not depend on the caller's umask.
