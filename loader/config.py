@@ -14,7 +14,6 @@ import pwd
 import re
 import sys
 
-import yaml
 
 from . import abi
 
@@ -436,20 +435,24 @@ def _flatten(doc, prefix="", where="config"):
     return out, unknown
 
 
-class _KumaLoader(yaml.SafeLoader):
+def _kuma_loader():
     """safe_load, minus aliases of lists and mappings: a few lines of them expand to
     billions of values (the "billion laughs"); Kuma's keys never need them. Scalar aliases
-    (*port) stay: they cannot grow."""
+    (*port) stay: they cannot grow. Built on first use: PyYAML's import is a tenth of an
+    install that reads no config file (issue 13's budget)."""
+    import yaml
 
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            node = self.anchors.get(event.anchor)
-            if node is not None and not isinstance(node, yaml.ScalarNode):
-                raise ConfigError(f"{self._where}: alias *{event.anchor} (line "
-                                  f"{event.start_mark.line + 1}) repeats a list or mapping; "
-                                  "write the values out instead")
-        return super().compose_node(parent, index)
+    class KumaLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                node = self.anchors.get(event.anchor)
+                if node is not None and not isinstance(node, yaml.ScalarNode):
+                    raise ConfigError(f"{self._where}: alias *{event.anchor} (line "
+                                      f"{event.start_mark.line + 1}) repeats a list or "
+                                      "mapping; write the values out instead")
+            return super().compose_node(parent, index)
+    return yaml, KumaLoader
 
 
 def read_bounded(path, limit, what, fix):
@@ -478,7 +481,8 @@ def _parse_document(text, where):
             return json.loads(text)
         except ValueError:
             pass
-    loader = _KumaLoader(text)
+    yaml, kuma_loader = _kuma_loader()
+    loader = kuma_loader(text)
     loader._where = where
     try:
         return loader.get_single_data()
