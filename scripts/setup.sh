@@ -21,7 +21,7 @@ if ! command -v apt-get >/dev/null && command -v dnf >/dev/null; then
   # Fedora (the Vagrant lab's fedora VM): the same tools under Fedora's names; the
   # kernel-devel package of the running kernel gives BCC its headers.
   PKGS=(bcc python3-bcc bpftool libbpf iptables-nft iproute util-linux haproxy curl bind-utils
-        make containernetworking-plugins)
+        make containernetworking-plugins podman runc catatonit)
   missing=()
   for p in "${PKGS[@]}"; do rpm -q "$p" >/dev/null 2>&1 || missing+=("$p"); done
   if [ ${#missing[@]} -gt 0 ]; then
@@ -56,9 +56,11 @@ if ! has_pkg bpftool && has_pkg linux-tools-common; then
   BPFTOOL=(linux-tools-common "linux-tools-$rel")
 fi
 # prometheus: the agent's test scrapes it with a real one; systemd: systemd-analyze verify;
-# containernetworking-plugins: the reference bridge and host-local the CNI tests chain with.
+# containernetworking-plugins: the reference bridge and host-local the CNI tests chain with;
+# podman (4.x: CNI backend) with runc (crun refuses hybrid cgroup hosts) and catatonit (the
+# pod's pause image is built from it locally): the end-to-end test's container runtime.
 PKGS=(python3-bpfcc python3-venv "${BPFTOOL[@]}" "$LIBBPF" iptables iproute2 util-linux haproxy
-      curl bind9-dnsutils prometheus systemd containernetworking-plugins)
+      curl bind9-dnsutils prometheus systemd containernetworking-plugins podman runc catatonit)
 # make bench also needs a load generator, an HTTP server and a chart library.
 if [ "${1:-}" = "bench" ]; then
   PKGS+=(wrk nginx-light)

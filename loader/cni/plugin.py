@@ -127,8 +127,13 @@ def _settings(req, pc, name):
         return None, f"namespace {ns} is excluded"
     annotations, pod = _annotations(req, pc)
     if annotations is None:
-        return None, ("no pod annotations (the runtime passed none and no kubeconfig is "
-                      "configured)")
+        if pc.selector:
+            return None, ("no pod annotations (the runtime passed none and no kubeconfig is "
+                          "configured)")
+        # "selector": {} selects every container on this network: a runtime outside
+        # Kubernetes (podman passes neither annotations nor K8S_POD_NAMESPACE, podman
+        # issue 12083) gets the node defaults.
+        annotations = {}
     if not podconfig.selected(annotations, pc.selector):
         return None, "not selected (" + ", ".join(f"{k}={v}" for k, v in pc.selector.items()) \
             + ")"
@@ -178,7 +183,8 @@ def add(req):
     name = registration_name(req.network, req.container_id, req.ifname)
     settings, why_not = _settings(req, pc, name)
     ns, pod_name = _pod(req)
-    who = f"pod {ns}/{pod_name}" if pod_name else f"container {req.container_id[:12]}"
+    who = (f"pod {ns}/{pod_name}" if ns else f"pod {pod_name}") if pod_name else \
+        f"container {req.container_id[:12]}"
     if settings is None:
         log(f"ADD {who}: not captured: {why_not}")
         return req.added_result()
@@ -190,7 +196,7 @@ def add(req):
         labels = {"owner": "cni", "network": req.network, "container_id": req.container_id,
                   "ifname": req.ifname}
         if pod_name:
-            labels["pod"] = f"{ns}/{pod_name}"
+            labels["pod"] = f"{ns}/{pod_name}" if ns else pod_name
         p = netns.run_in(path, lifecycle.install, settings, cgroup,
                          precondition=_need_current_node, labels=labels)
     except lifecycle.Skipped as e:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from loader.cni import podconfig, proto, shim
+from loader.cni import plugin, podconfig, proto, shim
 from loader.config import ConfigError
 
 ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/run/netns/x",
@@ -133,3 +133,23 @@ def test_selection_needs_every_selector_value_exactly():
     assert podconfig.selected({"kuma.io/sidecar-injected": "true"}, sel)
     assert not podconfig.selected({"kuma.io/sidecar-injected": "True"}, sel)
     assert not podconfig.selected({}, sel)
+
+
+def _podman_request(selector):
+    """What podman sends: K8S_POD_NAME only, no annotations in runtimeConfig."""
+    entry = {"cniVersion": "1.0.0", "name": "n", "type": "ebpf-tproxy"}
+    if selector is not None:
+        entry["selector"] = selector
+    return proto.Request(
+        {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c", "CNI_NETNS": "/x", "CNI_IFNAME": "eth0",
+         "CNI_PATH": "/x", "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAME=web"},
+        json.dumps(entry).encode())
+
+
+def test_without_annotations_only_an_empty_selector_captures_with_the_node_defaults():
+    req = _podman_request(None)
+    settings, why_not = plugin._settings(req, plugin.PluginConf(req.conf), "cni-x")
+    assert settings is None and "no pod annotations" in why_not
+    req = _podman_request({})
+    settings, why_not = plugin._settings(req, plugin.PluginConf(req.conf), "cni-x")
+    assert why_not is None and settings.dp_uid == 5678   # Kuma's Kubernetes default
