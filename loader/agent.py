@@ -176,6 +176,13 @@ class Agent:
                              f"{lifecycle.agent_lock_path(self.bpffs)}); stop it first")
         try:
             self._signals()
+            try:
+                if kernel.join_initial_cgroup_namespace():
+                    self.log("cgroupns", "joined the host's cgroup namespace (ours was a "
+                             "container's): cgroup paths read as the host's")
+            except OSError as e:
+                self.log("warning", f"{e}: a proxy listening before its namespace is "
+                         "registered may not be found (run with the host's PIDs)")
             if self.metrics_address:
                 self.server = metrics.serve(self.metrics_address, self)
                 host, port = self.server.server_address[:2]

@@ -7,6 +7,7 @@ first so that an old kernel gets a clear refusal instead of a verifier message.
 """
 import ctypes as ct
 import dataclasses
+import errno
 import os
 import platform
 import re
@@ -89,6 +90,44 @@ def cgroup2_mount():
     return found[0] if found else None
 
 
+CLONE_NEWCGROUP = 0x02000000
+PROC_CGROUP_INIT_INO = 0xEFFFFFFB   # include/linux/proc_ns.h: the host's cgroup namespace
+
+
+def join_initial_cgroup_namespace():
+    """Join the host's (initial) cgroup namespace when ours is another; True when it
+    switched, OSError when no process of it is visible.
+
+    /proc/PID/cgroup shows paths relative to the *reader's* cgroup namespace, and the
+    listeners of a proxy that was up before install are found by matching those paths
+    against the cgroup2 mount. A container has a private cgroup namespace (containerd's
+    and CRI-O's default on cgroup v2) while the DaemonSet mounts the host's cgroup2 tree:
+    from inside, a pod's processes read as /../../kubepods/..., and none would match.
+    With the host's PIDs (the DaemonSet's hostPID) the host's processes are visible, and
+    any of them opens its namespace (PID 1 may not: it can be undumpable). setns with
+    CLONE_NEWCGROUP has no single-thread rule and changes nothing but how paths read."""
+    if os.stat("/proc/self/ns/cgroup").st_ino == PROC_CGROUP_INIT_INO:
+        return False
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        path = f"/proc/{pid}/ns/cgroup"
+        try:
+            if os.stat(path).st_ino != PROC_CGROUP_INIT_INO:
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue   # gone, or not ours to read
+        try:
+            libc = ct.CDLL(None, use_errno=True)
+            if libc.setns(fd, CLONE_NEWCGROUP) != 0:
+                err = ct.get_errno()
+                raise OSError(err, f"setns(the host's cgroup namespace): {os.strerror(err)}")
+        finally:
+            os.close(fd)
+        return True
+    raise OSError(errno.ENOENT, "in a cgroup namespace of its own, and no process of the "
+                  "host's is visible")
+
+
 def is_cgroup2(path):
     return os.path.isdir(path) and _statfs_type(path) == CGROUP2_SUPER_MAGIC
 
@@ -118,7 +157,7 @@ def check_bpffs(path):
                  "pass --ebpf-bpffs-path with a bpffs mount point")
 
 
-def _effective_caps():
+def effective_caps():
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("CapEff:"):
@@ -127,7 +166,7 @@ def _effective_caps():
 
 
 def check_privileges():
-    caps = _effective_caps()
+    caps = effective_caps()
     need = {"CAP_BPF": CAP_BPF, "CAP_NET_ADMIN": CAP_NET_ADMIN, "CAP_SYS_ADMIN": CAP_SYS_ADMIN}
     missing = [n for n, bit in need.items() if not caps & (1 << bit)]
     if os.geteuid() == 0 and not missing:

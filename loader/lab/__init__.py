@@ -56,6 +56,7 @@ class Lab:
         self.conntrack = conntrack
         self.extra_ns = []        # more namespaces a test asked for (add_netns)
         self.child_cgroups = []   # child cgroups of the lab's cgroup (child_cgroup)
+        self.sibling_cgroups = []  # cgroups beside it (sibling_cgroup)
         self.app_ns = f"tp-{self.id}-app"
         self.remote_ns = f"tp-{self.id}-rem"
         root = kernel.cgroup2_mount()
@@ -132,6 +133,13 @@ class Lab:
         self.child_cgroups.append(path)
         return path
 
+    def sibling_cgroup(self, name):
+        """A cgroup beside the lab's (not captured), removed by close()."""
+        path = f"{self.cgroup}-{name}"
+        os.mkdir(path)
+        self.sibling_cgroups.append(path)
+        return path
+
     def ip(self, ns, *args):
         return sh("ip", "-n", ns, *args)
 
@@ -180,20 +188,24 @@ class Lab:
                 raise RuntimeError(f"{argv} did not start: {line!r} {err!r}")
         return p
 
-    def start_agent(self, *extra, ns=None):
+    def start_agent(self, *extra, ns=None, cgroup=False, private_cgroupns=False):
         """`ebpf-tproxy agent` on the lab's bpffs and store, its metrics on a free loopback
         port, in namespace ns (None: this process's). Waits for its ready line (after the
         node set's build: seconds here, minutes in an emulated guest). Returns (process,
-        log path, metrics port)."""
+        log path, metrics port). cgroup: a cgroup path to start it in (False: this
+        process's); private_cgroupns: in a cgroup namespace of its own rooted there, as a
+        container is."""
         if self.tmpdir is None:
             self.shared_file("agent-logs", "")   # makes the lab's directory
         log_path = os.path.join(self.tmpdir, f"agent-{len(self.procs)}.log")
         argv = [PYTHON, "-m", "loader.cli", "agent", "--ebpf-bpffs-path", self.bpffs,
                 "--state-dir", self.state_dir, "--metrics-address", "127.0.0.1:0", *extra]
         with open(log_path, "w") as log:
+            if private_cgroupns:
+                argv = ["unshare", "--cgroup", *argv]
             p = subprocess.Popen(self.command(argv, ns) if ns else argv,
                                  stdout=subprocess.DEVNULL, stderr=log,
-                                 preexec_fn=self._preexec(False), env=self.env())
+                                 preexec_fn=self._preexec(cgroup), env=self.env())
         self.procs.append(p)
 
         def text():
@@ -296,6 +308,9 @@ class Lab:
             self._kill_cgroup(cg)
         self.child_cgroups = []
         self._kill_cgroup(self.cgroup)
+        for cg in self.sibling_cgroups:
+            self._kill_cgroup(cg)
+        self.sibling_cgroups = []
         if self.bpffs:
             if kernel.is_bpffs(self.bpffs):
                 # Detach whatever an aborted test left attached, then drop the mount.

@@ -21,7 +21,7 @@ import urllib.request
 import pytest
 
 from loader import netns
-from loader.lab import PYTHON, REMOTE_IP4
+from loader.lab import APP_IP4, PYTHON, REMOTE_IP4
 
 from .conftest import DP_UID, DP_USER, listeners, pod_netns, reached
 
@@ -532,3 +532,26 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_in_a_containers_cgroup_namespace_the_agent_finds_a_proxy_listening_before(
+        lab, state_dir):
+    """The DaemonSet: the agent in a container's private cgroup namespace (containerd's
+    default on cgroup v2) with the host's PIDs. In the reboot case the proxy has listened
+    on 15006 all along; only the agent can put that socket in tp_listeners, and it finds
+    the socket's holder by the paths in /proc/PID/cgroup, which read relative to the
+    reader's cgroup namespace."""
+    listeners(lab)
+    agent = Agent(lab, state_dir).start()
+    install(lab, state_dir, "--store")
+    assert agent.stop() == 0
+    subprocess.run(["umount", lab.bpffs], check=True)          # the reboot: pins gone
+    subprocess.run(["mount", "-t", "bpf", "bpf", lab.bpffs], check=True)
+    _, log_path, _ = lab.start_agent(ns=lab.remote_ns, cgroup=lab.sibling_cgroup("agent"),
+                                     private_cgroupns=True)
+    with open(log_path) as f:
+        assert "joined the host's cgroup namespace" in f.read()
+    # A connection from the remote namespace to the application's address lands on the
+    # proxy's inbound listener.
+    r = reached(lab, APP_IP4, 8000, ns=lab.remote_ns)
+    assert r["line"].startswith("in "), r
