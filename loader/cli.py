@@ -771,6 +771,73 @@ def cni_uninstall(cni_bin_dir, cni_conf_dir):
 
 
 @main.command()
+@click.option("--config", "--transparent-proxy-config", "config_files", multiple=True,
+              metavar="FILE", help="The pod's Kuma config file (YAML or JSON), repeatable or "
+              "comma list; - is stdin (Kuma's validator: --transparent-proxy-config).")
+@click.option("--ip-family-mode", help="dualstack (default: IPv6 too where the pod has "
+              "::1) or ipv4.")
+@click.option("--validation-server-port", help="Port to listen on for the inbound check "
+              "(default: the inbound port, 15006).")
+@click.option("--timeout", default="10", show_default=True, metavar="SECONDS",
+              help="Keep retrying a failed check this long (the CNI plugin may still be "
+              "registering the pod).")
+@click.option("--ebpf-bpffs-path", help="The node's bpffs, where mounted here, for the "
+              "registration check (default /sys/fs/bpf).")
+def validate(config_files, ip_family_mode, validation_server_port, timeout, ebpf_bpffs_path):
+    """Check from inside a pod that its traffic is redirected (Kuma's validator).
+
+    Run in the pod's network namespace before the application starts, as the sidecar's
+    uid with no capabilities, as Kuma's kuma-validation init container runs `kumactl
+    install transparent-proxy-validator`: the DP user's connection to 127.0.0.6 (::6) at a
+    random port must land on a listener at the inbound port. Run as root it also checks
+    that an application's connection is answered by SO_ORIGINAL_DST, and reads this
+    namespace's registration from the node's bpffs when that is mounted.
+
+    \b
+    Example:
+      setpriv --reuid 5678 --regid 5678 --clear-groups --inh-caps=-all \\
+          --bounding-set=-all ebpf-tproxy validate --config /tmp/kuma/config.yaml
+      nsenter --net=/run/netns/pod1 ebpf-tproxy validate --timeout 30
+    Exits 0 when the redirect is in place; else one line naming what is missing and the
+    fix, exit 1 (2 for bad input).
+    """
+    from . import validate as validate_mod
+    try:
+        seconds = float(timeout)
+        if not 0 <= seconds <= 3600:
+            raise ValueError
+    except ValueError:
+        fail(f"--timeout: {timeout!r} is not a number of seconds from 0 to 3600; give e.g. "
+             "--timeout 10")
+    if validation_server_port is not None:
+        try:
+            config.parse_port(validation_server_port, "--validation-server-port")
+        except ConfigError as e:
+            fail(str(e))
+    flags = {path: value for path, value in (
+        ("ipFamilyMode", ip_family_mode), ("redirect.inbound.port", validation_server_port),
+        ("ebpf.bpffsPath", ebpf_bpffs_path)) if value is not None}
+    try:
+        settings, _ = config.load(config_files, flags=flags, pod_uid=True)
+    except ConfigError as e:
+        fail(str(e))
+    if os.geteuid() != settings.dp_uid and not validate_mod.can_switch_uid():
+        fail(f"validate runs as the DP user (uid {settings.dp_uid}), as Kuma's validator "
+             f"does, or as root; this is uid {os.geteuid()}: run it as the sidecar's user, "
+             "or give the pod's configuration with --config")
+    marks = {True: "✓", False: "✗", None: "-"}
+
+    def echo(r):
+        click.echo(f"{marks[r.ok]} {r.check}: {r.detail}")
+    failed = validate_mod.run(settings, seconds, echo)
+    if failed:
+        click.echo(f"ebpf-tproxy validate: {failed.check}: {failed.detail}; fix: "
+                   f"{validate_mod.default_fix(failed)}", err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo("validation passed: the redirect is in place")
+
+
+@main.command()
 @click.option("--keep-going", is_flag=True, help="Wait for Enter before tearing down.")
 def demo(keep_going):
     """Run the built-in lab: capture an app's traffic, show it, release it.

@@ -694,7 +694,10 @@ def compact_ports(ports):
 def resolve_dp_user(value, pod_uid=False):
     """Kuma: a name or a uid that exists; default uid 5678, else user kuma-dp.
     pod_uid: the user may live in a pod's image, not in this host's user database (the CNI
-    plugin, and a configuration this tool wrote): a uid is then taken as it is."""
+    plugin, and a configuration this tool wrote): a uid is then taken as it is, and with
+    none given it is Kuma's Kubernetes default, 5678."""
+    if pod_uid and not value:
+        return DEFAULT_DP_UID, str(DEFAULT_DP_UID)
     if pod_uid and value and parse_uint(str(value).strip()) is not None:
         uid = parse_uint(str(value).strip())
         if uid >= 2**32 - 1:

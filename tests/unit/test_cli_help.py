@@ -6,7 +6,8 @@ from loader.cli import main
 
 
 @pytest.mark.parametrize("cmd", [[], ["check"], ["install"], ["status"], ["uninstall"],
-                                 ["demo"]])
+                                 ["agent"], ["cni", "install"], ["cni", "uninstall"],
+                                 ["validate"], ["demo"]])
 def test_help_has_an_example(cmd):
     r = CliRunner().invoke(main, cmd + ["--help"])
     assert r.exit_code == 0
@@ -21,3 +22,17 @@ def test_kuma_flags_are_accepted_by_name():
                  "--dry-run", "--verbose", "--ebpf-cgroup-path", "--ebpf-bpffs-path",
                  "--ebpf-instance-ip", "--ebpf-enabled", "--name", "--netns"):
         assert flag in r.output, flag
+
+
+@pytest.mark.parametrize("args,cause", [
+    (["--timeout", "soon"], "--timeout"),
+    (["--timeout", "-1"], "--timeout"),
+    (["--validation-server-port", "0"], "--validation-server-port"),
+    (["--validation-server-port", "70000"], "--validation-server-port"),
+    (["--ip-family-mode", "ipv5"], "--ip-family-mode"),
+])
+def test_validate_refuses_bad_input_in_one_line(args, cause):
+    r = CliRunner().invoke(main, ["validate", *args])
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and cause in lines[0], r.output

@@ -13,7 +13,7 @@ kubernetes = pytest.importorskip("kubernetes", reason="make setup installs the t
 DEPLOY = os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "kubernetes")
 MODELS = {"DaemonSet": "V1DaemonSet", "ServiceAccount": "V1ServiceAccount",
           "ClusterRole": "V1ClusterRole", "ClusterRoleBinding": "V1ClusterRoleBinding",
-          "ConfigMap": "V1ConfigMap"}
+          "ConfigMap": "V1ConfigMap", "Pod": "V1Pod"}
 
 
 def objects():
@@ -42,7 +42,7 @@ def test_every_object_round_trips_through_its_model(name, doc):
     assert api.sanitize_for_serialization(obj) == doc
 
 
-def test_the_daemonset_runs_the_agent_and_install_cni_as_documented():
+def test_the_daemonset_and_the_example_pod_run_what_is_documented():
     ds = next(d for _, d in objects() if d["kind"] == "DaemonSet")
     spec = ds["spec"]["template"]["spec"]
     assert spec["hostNetwork"] and spec["hostPID"]
@@ -60,7 +60,12 @@ def test_the_daemonset_runs_the_agent_and_install_cni_as_documented():
     from click.testing import CliRunner
 
     from loader.cli import main
-    for argv in (agent["command"][1:] + agent["args"], inst["command"][1:] + inst["args"]):
+    pod = next(d for _, d in objects() if d["kind"] == "Pod")
+    validation = pod["spec"]["initContainers"][0]
+    assert validation["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert validation["securityContext"]["runAsUser"] == 5678
+    for argv in (agent["command"][1:] + agent["args"], inst["command"][1:] + inst["args"],
+                 validation["command"][1:] + validation["args"]):
         r = CliRunner().invoke(main, argv[:1 + (argv[0] == "cni")] + ["--help"])
         assert r.exit_code == 0
         for a in argv:
