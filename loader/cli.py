@@ -777,7 +777,7 @@ def cni_uninstall(cni_bin_dir, cni_conf_dir):
 @click.option("--ip-family-mode", help="dualstack (default: IPv6 too where the pod has "
               "::1) or ipv4.")
 @click.option("--validation-server-port", help="Port to listen on for the inbound check "
-              "(default: the inbound port, 15006).")
+              "(default: the inbound port, 15006; with --config, the config's, as Kuma).")
 @click.option("--timeout", default="10", show_default=True, metavar="SECONDS",
               help="Keep retrying a failed check this long (the CNI plugin may still be "
               "registering the pod).")
@@ -814,9 +814,17 @@ def validate(config_files, ip_family_mode, validation_server_port, timeout, ebpf
             config.parse_port(validation_server_port, "--validation-server-port")
         except ConfigError as e:
             fail(str(e))
+    # As Kuma's validator: with a config, its inbound port wins over the flag.
+    if config_files:
+        validation_server_port = None
     flags = {path: value for path, value in (
         ("ipFamilyMode", ip_family_mode), ("redirect.inbound.port", validation_server_port),
         ("ebpf.bpffsPath", ebpf_bpffs_path)) if value is not None}
+    # Kuma's validator connects as whoever runs it: without a configured user that is the
+    # sidecar's (root stays with Kuma's Kubernetes default, 5678).
+    if os.geteuid() != 0 and not config_files and \
+            "kumaDPUser" not in config.env_layer(os.environ):
+        flags["kumaDPUser"] = str(os.geteuid())
     try:
         settings, _ = config.load(config_files, flags=flags, pod_uid=True)
     except ConfigError as e:

@@ -19,7 +19,7 @@ BPF_FS_MAGIC = 0xCAFE4A11
 MIN_KERNEL = (5, 7)
 
 # Capabilities (linux/capability.h)
-CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
+CAP_SETGID, CAP_SETUID, CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 6, 7, 12, 21, 39
 
 
 @dataclasses.dataclass
@@ -106,7 +106,9 @@ def join_initial_cgroup_namespace():
     With the host's PIDs (the DaemonSet's hostPID) the host's processes are visible, and
     any of them opens its namespace (PID 1 may not: it can be undumpable). setns with
     CLONE_NEWCGROUP has no single-thread rule and changes nothing but how paths read."""
-    if os.stat("/proc/self/ns/cgroup").st_ino == PROC_CGROUP_INIT_INO:
+    from .netns import setns
+    # setns acts on the calling thread: it is called before the agent starts any.
+    if os.stat("/proc/thread-self/ns/cgroup").st_ino == PROC_CGROUP_INIT_INO:
         return False
     for pid in filter(str.isdigit, os.listdir("/proc")):
         path = f"/proc/{pid}/ns/cgroup"
@@ -117,10 +119,10 @@ def join_initial_cgroup_namespace():
         except OSError:
             continue   # gone, or not ours to read
         try:
-            libc = ct.CDLL(None, use_errno=True)
-            if libc.setns(fd, CLONE_NEWCGROUP) != 0:
-                err = ct.get_errno()
-                raise OSError(err, f"setns(the host's cgroup namespace): {os.strerror(err)}")
+            setns(fd, CLONE_NEWCGROUP)
+        except OSError as e:
+            raise OSError(e.errno, f"setns(the host's cgroup namespace): {e.strerror}") \
+                from None
         finally:
             os.close(fd)
         return True

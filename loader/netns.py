@@ -45,18 +45,34 @@ def resolve(netns, what="--netns"):
     return path
 
 
+def setns(fd, nstype):
+    """setns(2) for the calling thread; OSError on failure."""
+    if _libc().setns(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
+
+
 def enter(path, what="--netns"):
     """Move the calling thread into the network namespace at path (ConfigError if not)."""
-    libc = ctypes.CDLL(None, use_errno=True)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)   # a FIFO must not block
     except OSError as e:
         raise ConfigError(f"{what}: cannot open {path} ({e.strerror}); give a network "
                           "namespace") from None
     try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            raise ConfigError(f"{what}: cannot enter {path}: "
-                              f"{os.strerror(ctypes.get_errno())}")
+        setns(fd, CLONE_NEWNET)
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot enter {path}: {e.strerror}") from None
     finally:
         os.close(fd)
 

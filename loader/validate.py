@@ -6,7 +6,9 @@ set up the redirect; a pod whose redirect is missing fails there instead of runn
 uncaptured. This is that check for the eBPF mode, run in the pod's network namespace:
 
   inbound       Kuma's own test. Listen on 127.0.0.1 (::1) at the inbound port, connect
-                from 127.0.0.1 (::1) to 127.0.0.6 (::6) at a random port in 20000-29999:
+                from 127.0.0.1 (::1) to 127.0.0.6 (::6) at a random port in 20000-29999
+                that --exclude-outbound-ports leaves redirected (Kuma's takes any, and fails
+                a pod whose exclusions cover it):
                 only the redirect can land that connection on the listener (Kuma rule 4d:
                 the DP user calling a local address other than 127.0.0.1 goes to the
                 inbound port). The listener sends a token back, so a connection that
@@ -24,6 +26,7 @@ Each check is retried until --timeout (Kuma retries while the CNI plugin finishe
 and the fix, exit 1. Overhead: a few loopback connections per attempt.
 """
 import dataclasses
+import errno
 import ipaddress
 import os
 import random
@@ -34,7 +37,6 @@ import time
 from . import kernel, netns
 
 SO_ORIGINAL_DST = 80           # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST is also 80
-SOL_IPV6 = 41
 TOKEN = b"ebpf-tproxy-validate"
 RETRY_S = 0.5
 OUTBOUND_TARGETS = {4: "192.0.2.1", 6: "2001:db8::1"}   # RFC 5737 / RFC 3849
@@ -44,9 +46,13 @@ NOBODY = 65534
 @dataclasses.dataclass
 class Result:
     check: str
-    ok: bool            # None: skipped
+    ok: object          # True, False, or None: skipped
     detail: str
     fix: str = ""
+
+
+class PortTaken(Exception):
+    """A listener already holds the port validate must listen on: not worth retrying."""
 
 
 class Family:
@@ -76,11 +82,18 @@ def families(settings):
 
 def _listener(fam, host, port):
     s = socket.socket(fam.af, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if fam.version == 6:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    s.bind((host, port))
-    s.listen(16)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if fam.version == 6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((host, port))
+        s.listen(16)
+    except OSError as e:
+        s.close()
+        if e.errno == errno.EADDRINUSE:
+            raise PortTaken(f"port {port} is already taken here (the sidecar is running?)") \
+                from None
+        raise
     s.settimeout(1.0)
     return s
 
@@ -121,13 +134,25 @@ def _child_code(pid):
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
-def check_inbound(fam, port, dp_uid):
-    """One attempt of Kuma's check, the client as the DP user: (ok, detail)."""
+def free_ports(settings):
+    """Ports of 20000-29999 that --exclude-outbound-ports leaves redirected: that rule
+    comes before every other of Kuma's outbound chain, the DP user's hairpin (4d)
+    included, so Kuma's validator fails a pod when its random port is one of them."""
+    excluded = set(settings.outbound_exclude_ports)
+    return [p for p in range(20000, 30000) if p not in excluded]
+
+
+def check_inbound(fam, port, dp_uid, ports):
+    """One attempt of Kuma's check, the client as the DP user, to one of ports:
+    (ok, detail)."""
+    if not ports:
+        return False, "every port in 20000-29999 is excluded from the outbound redirect", \
+            "validate with a configuration that leaves some of them redirected"
     try:
         srv = _listener(fam, fam.loopback, port)
     except OSError as e:
         return False, f"cannot listen on {fam.loopback} port {port}: {e.strerror}"
-    target = (fam.passthrough, random.randint(20000, 29999))
+    target = (fam.passthrough, random.choice(ports))
     where = f"{target[0]} port {target[1]}"
     with srv:
         pid = _connect_as(dp_uid, fam, target, bind=fam.loopback)
@@ -150,7 +175,7 @@ def _original_dst(conn, fam):
         raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
         port, = struct.unpack("!H", raw[2:4])
         return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
-    raw = conn.getsockopt(SOL_IPV6, SO_ORIGINAL_DST, 28)
+    raw = conn.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
     port, = struct.unpack("!H", raw[2:4])
     return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
 
@@ -164,11 +189,8 @@ def outbound_target(settings, fam):
         if ip in ipaddress.ip_network(cidr, strict=False):
             return None, f"{addr} is in --exclude-outbound-ips {cidr}"
     if settings.outbound_include_ports:
-        return (addr, settings.outbound_include_ports[0][0]), None
-    excluded = set()
-    for lo, hi in settings.outbound_exclude_ports:
-        excluded.update(range(lo, hi + 1))
-    free = [p for p in range(20000, 30000) if p not in excluded]
+        return (addr, settings.outbound_include_ports[0]), None
+    free = free_ports(settings)
     if not free:
         return None, "every port in 20000-29999 is excluded"
     return (addr, random.choice(free)), None
@@ -220,38 +242,55 @@ def check_outbound(settings, fam, uid):
                   "SO_ORIGINAL_DST named it")
 
 
-CAP_SETGID, CAP_SETUID = 6, 7
-
-
 def can_switch_uid():
     """Root with its capabilities dropped (setpriv --bounding-set=-all) may not either."""
     caps = kernel.effective_caps()
-    return bool(caps & (1 << CAP_SETUID)) and bool(caps & (1 << CAP_SETGID))
+    return bool(caps & (1 << kernel.CAP_SETUID)) and bool(caps & (1 << kernel.CAP_SETGID))
 
 
-def check_registration(settings):
+def registered_settings(settings):
+    """The Settings this namespace is registered with, where readable (root, the node's
+    bpffs mounted), else None: the outbound check picks its address, port and uid from
+    them rather than from validate's own --config, which may not be the pod's."""
+    from . import config
+    meta = check_registration(settings, want_meta=True)[3]
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        return None
+    try:
+        return config.settings_from_document(meta["config"], "validate", "the registration")
+    except config.ConfigError:
+        return None
+
+
+def check_registration(settings, want_meta=False):
     """(ok, detail[, fix]): this network namespace's entry in the node program set; ok None
     when it cannot be read from here (a pod mounts no bpffs of the node, and the pins are
-    root's)."""
+    root's). want_meta: (ok, detail, fix, description) with the description found."""
+    res = _registration(settings)
+    return res if want_meta else res[:3]
+
+
+def _registration(settings):
     from .namespace import NodeMaps
     from .node import InstallError, NodePaths, read_meta
     paths = NodePaths(settings.bpffs_path)
     where = settings.bpffs_path
     if not kernel.is_bpffs(where):
-        return None, f"not checked: no bpffs at {where} here; the inbound check stands for it"
+        return None, (f"not checked: no bpffs at {where} here; the inbound check stands "
+                      "for it"), "", None
     try:
         os.stat(paths.node)
     except FileNotFoundError:
         return None, (f"not checked: no ebpf-tproxy node program set on {where} (not the "
-                      "node's bpffs?); the inbound check stands for it")
+                      "node's bpffs?); the inbound check stands for it"), "", None
     except OSError as e:
         return None, (f"not checked: {paths.root} cannot be read as uid {os.geteuid()} "
-                      f"({e.strerror}); the inbound check stands for it")
+                      f"({e.strerror}); the inbound check stands for it"), "", None
     inode = netns.current_inode()
     try:
         if read_meta(paths) is None:
             return False, f"the node program set on {where} is incomplete", \
-                "restart the ebpf-tproxy agent on the node"
+                "restart the ebpf-tproxy agent on the node", None
         with NodeMaps(paths) as maps:
             mine = [(n, m) for n, m in maps.registrations().items()
                     if m.get("netns_inode") == inode and m.get("complete")]
@@ -259,24 +298,25 @@ def check_registration(settings):
                 return False, (f"this network namespace (inode {inode}) is not registered "
                                f"in the node program set on {where}"), \
                     ("check that the node's CNI configuration chains ebpf-tproxy and the "
-                     "agent's log for this pod")
+                     "agent's log for this pod"), None
             name, meta = mine[0]
-            if maps.config(meta["netns_cookie"]) is None:
+            if not meta.get("netns_cookie") or maps.config(meta["netns_cookie"]) is None:
                 return False, f"'{name}' is described but has no configuration entry", \
-                    "run ebpf-tproxy status on the node; uninstall it and register it again"
+                    "run ebpf-tproxy status on the node; uninstall it and register it again", \
+                    meta
     except (OSError, InstallError) as e:
-        return None, f"not checked: the pins on {where} cannot be read here ({e})"
+        return None, f"not checked: the pins on {where} cannot be read here ({e})", "", None
     inbound = ((meta.get("config") or {}).get("redirect") or {}).get("inbound") or {}
     if settings.inbound_enabled and not inbound.get("enabled", True):
         return False, (f"registered as '{name}', but with the inbound redirect off "
                        "(redirect.inbound.enabled=false)"), \
             ("register the pod with inbound capture (no kuma.io/gateway), or validate "
-             "with --config giving redirect.inbound.enabled: false")
+             "with --config giving redirect.inbound.enabled: false"), meta
     if inbound.get("port") not in (None, settings.inbound_port):
         return False, (f"registered as '{name}' with inbound port {inbound.get('port')}, "
                        f"not {settings.inbound_port}"), \
-            "give validate the pod's configuration (--config)"
-    return True, f"registered as '{name}' (network namespace inode {inode})"
+            "give validate the pod's configuration (--config)", meta
+    return True, f"registered as '{name}' (network namespace inode {inode})", "", meta
 
 
 def run(settings, timeout, echo):
@@ -287,13 +327,14 @@ def run(settings, timeout, echo):
 
     def skipped(name, why):
         checks.append((name, lambda: (None, f"skipped: {why}")))
-    if settings.inbound_enabled:
-        checks += [(f"inbound {f}", lambda f=f: check_inbound(f, settings.inbound_port,
-                                                              settings.dp_uid))
-                   for f in fams]
-    else:
-        skipped("inbound", "the configuration has no inbound redirect")
-    uid = other_uid(settings)
+    # Kuma's test runs whatever the inbound setting: rule 4d (the DP user's call to a
+    # local address goes to the inbound port) does not depend on it.
+    pod = registered_settings(settings) if can_switch_uid() else None
+    ports = free_ports(pod or settings)
+    checks += [(f"inbound {f}", lambda f=f: check_inbound(f, settings.inbound_port,
+                                                          settings.dp_uid, ports))
+               for f in fams]
+    uid = other_uid(pod or settings)
     if not settings.outbound_enabled:
         skipped("outbound", "the configuration has no outbound redirect")
     elif not can_switch_uid():
@@ -303,12 +344,18 @@ def run(settings, timeout, echo):
     elif uid is None:
         skipped("outbound", "no uid outside the DP user and the uid exclusions to connect as")
     else:
-        checks += [(f"outbound {f}", lambda f=f: check_outbound(settings, f, uid))
+        checks += [(f"outbound {f}", lambda f=f: check_outbound(pod or settings, f, uid))
                    for f in fams]
     checks.append(("registration", lambda: check_registration(settings)))
     for name, attempt in checks:
         while True:
-            ok, detail, *fix = attempt()
+            try:
+                ok, detail, *fix = attempt()
+            except PortTaken as e:
+                ok, detail, fix = False, str(e), [
+                    "run validate before the proxy starts (an init container), or in a "
+                    "namespace where nothing listens on the redirect ports"]
+                break
             if ok is not False or time.monotonic() >= deadline:
                 break
             time.sleep(RETRY_S)   # the CNI plugin may still be registering the pod

@@ -305,11 +305,11 @@ class Lab:
                     f.close()
         self.procs = []
         for cg in reversed(self.child_cgroups):
-            self._kill_cgroup(cg)
+            self.kill_cgroup(cg)
         self.child_cgroups = []
-        self._kill_cgroup(self.cgroup)
+        self.kill_cgroup(self.cgroup)
         for cg in self.sibling_cgroups:
-            self._kill_cgroup(cg)
+            self.kill_cgroup(cg)
         self.sibling_cgroups = []
         if self.bpffs:
             if kernel.is_bpffs(self.bpffs):
@@ -341,7 +341,8 @@ class Lab:
             shutil.rmtree(self.state_dir, ignore_errors=True)
             self.state_dir = None
 
-    def _kill_cgroup(self, cgroup):
+    def kill_cgroup(self, cgroup):
+        """Kill the processes of one cgroup (not its children) and remove it."""
         if not os.path.isdir(cgroup):
             return
         deadline = time.monotonic() + 10

@@ -85,5 +85,3 @@ class Node:
     def registration(self, pod):
         return self.registrations().get(
             cni_plugin.registration_name("tp-pods", pod.container_id, "eth0"))
-
-

@@ -54,7 +54,6 @@ def test_install_twice_gives_the_same_state(lab):
     assert len(cgroup_attachments(lab.cgroup)) == CGROUP_HOOKS
 
 
-@pytest.mark.kernel_ci
 def test_update_in_place_has_no_gap(lab):
     """An upgrade that changes the configuration (port 8001 excluded from then on), held
     at each step: after each link swap and before the flip, a new connection is captured

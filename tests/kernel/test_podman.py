@@ -20,14 +20,18 @@ import pytest
 from loader import kernel
 from loader.lab import PROJECT_DIR
 
+from .cni_driver import REFERENCE_PLUGINS
 from .cni_node import SIDECAR_UID, SUBNET, Node
 from .conftest import haproxy_config
+
+pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(REFERENCE_PLUGINS, "bridge")),
+                                reason="make setup installs containernetworking-plugins")
 
 NETWORK = "tp-pods"
 GATEWAY = SUBNET.replace("0/24", "1")
 # What podman (and libcni, runc, its image cache) create outside the directories it is
 # given; removed afterwards when the test made them.
-HOST_DIRS = ("/var/lib/cni", "/var/lib/containers", "/run/runc")
+HOST_DIRS = ("/var/lib/cni", "/var/lib/containers", "/run/runc", "/dev/shm/libpod_lock")
 
 
 class Podman:
@@ -70,18 +74,19 @@ class Podman:
         return self("run", *(["-d"] if detach else ["--rm"]), *opts, "--rootfs", "/:O", *argv)
 
     def cleanup(self):
-        self("pod", "rm", "-f", "--all", check=False)
-        self("rm", "-f", "--all", check=False)
-        # runc's cgroupfs manager also makes the parent in every cgroup v1 hierarchy of a
-        # hybrid host; the pods' own cgroups are gone with the pods.
+        for args in (("pod", "rm", "-f", "--all"), ("rm", "-f", "--all")):
+            try:
+                self(*args, check=False, timeout=60)
+            except subprocess.TimeoutExpired:
+                pass   # whatever it left is killed below
+        # The pods' cgroups are gone with the pods unless podman failed: then their
+        # processes are killed here, deepest first. runc's cgroupfs manager also made the
+        # parent in every cgroup v1 hierarchy of a hybrid host.
         for root in [kernel.cgroup2_mount(), *kernel.mounts("cgroup")]:
             top = os.path.join(root, self.cgroup_parent.lstrip("/"))
             for d, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
                 if d != self.lab.cgroup:   # the lab removes its own
-                    try:
-                        os.rmdir(d)
-                    except OSError:
-                        pass
+                    self.lab.kill_cgroup(d)
 
 
 @pytest.fixture
@@ -99,10 +104,14 @@ def podman(lab):
     try:
         yield p
     finally:
-        p.cleanup()
-        for d, was in existed.items():
-            if not was:
-                shutil.rmtree(d, ignore_errors=True)
+        try:
+            p.cleanup()
+        finally:
+            for d, was in existed.items():
+                if not was and os.path.isdir(d):
+                    shutil.rmtree(d, ignore_errors=True)
+                elif not was and os.path.exists(d):
+                    os.unlink(d)
 
 
 def _registration(node, pod):

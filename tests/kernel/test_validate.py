@@ -2,13 +2,18 @@
 Kuma runs its validator: in the pod's network namespace and cgroup, as uid 5678 with every
 capability dropped; and as root, where it also checks SO_ORIGINAL_DST and the
 registration."""
+import os
 import time
 
 import pytest
 
 from loader.lab import PYTHON
 
+from .cni_driver import REFERENCE_PLUGINS
 from .cni_node import INJECTED, SIDECAR_UID, Node
+
+pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(REFERENCE_PLUGINS, "bridge")),
+                                reason="make setup installs containernetworking-plugins")
 
 DROPPED = ["setpriv", f"--reuid={SIDECAR_UID}", f"--regid={SIDECAR_UID}", "--clear-groups",
            "--inh-caps=-all", "--bounding-set=-all"]
@@ -81,8 +86,31 @@ def test_inbound_capture_off_fails_naming_it(node):
     r = validate(node.lab, pod.ns, "--timeout", "1", unprivileged=False)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "registration" in r.stderr and "inbound redirect off" in r.stderr, r.stderr
-    # Validated with the pod's own configuration (inbound off), it passes.
+    # Validated with the pod's own configuration (inbound off), it passes: Kuma's check
+    # still runs (and passes, as said), and the registration agrees.
     cfg = node.lab.shared_file("gateway.yaml", "redirect:\n  inbound:\n    enabled: false\n")
     r = validate(node.lab, pod.ns, "--config", cfg, unprivileged=False)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert marks(r)["inbound"] == "-"
+    assert marks(r)["inbound IPv4"] == "✓" and marks(r)["registration"] == "✓", r.stdout
+
+
+def test_a_port_already_taken_fails_at_once_with_its_own_fix(node, lab):
+    """Run beside a running sidecar: not "not captured", and no waiting out the timeout."""
+    pod = node.add(INJECTED)
+    lab.spawn([PYTHON, "-m", "loader.lab.servers", "listen", "in:15006"], ns=pod.ns,
+              user=SIDECAR_UID)
+    start = time.monotonic()
+    r = validate(lab, pod.ns, "--timeout", "30")
+    assert r.returncode == 1 and time.monotonic() - start < 30, r.stdout + r.stderr
+    assert "port 15006 is already taken" in r.stderr and "before the proxy starts" in r.stderr
+
+
+def test_the_outbound_check_uses_the_registered_configuration(node):
+    """As root the address, port and uid come from the pod's registration: a pod that
+    excludes most of 20000-29999 and uid 65534 still validates."""
+    pod = node.add(dict(INJECTED, **{
+        "traffic.kuma.io/exclude-outbound-ports": "20000-29990",
+        "traffic.kuma.io/exclude-outbound-ports-for-uids": "tcp:*:65534"}))
+    r = validate(node.lab, pod.ns, "--ip-family-mode", "ipv4", unprivileged=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert marks(r)["outbound IPv4"] == "✓" and "uid 65533" in r.stdout, r.stdout
