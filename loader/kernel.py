@@ -12,6 +12,7 @@ import os
 import platform
 import re
 
+from . import netns
 from .config import ConfigError
 
 CGROUP2_SUPER_MAGIC = 0x63677270
@@ -106,7 +107,6 @@ def join_initial_cgroup_namespace():
     With the host's PIDs (the DaemonSet's hostPID) the host's processes are visible, and
     any of them opens its namespace (PID 1 may not: it can be undumpable). setns with
     CLONE_NEWCGROUP has no single-thread rule and changes nothing but how paths read."""
-    from .netns import setns
     # setns acts on the calling thread: it is called before the agent starts any.
     if os.stat("/proc/thread-self/ns/cgroup").st_ino == PROC_CGROUP_INIT_INO:
         return False
@@ -119,7 +119,7 @@ def join_initial_cgroup_namespace():
         except OSError:
             continue   # gone, or not ours to read
         try:
-            setns(fd, CLONE_NEWCGROUP)
+            netns.setns(fd, CLONE_NEWCGROUP)
         except OSError as e:
             raise OSError(e.errno, f"setns(the host's cgroup namespace): {e.strerror}") \
                 from None

@@ -45,21 +45,14 @@ def resolve(netns, what="--netns"):
     return path
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
 def setns(fd, nstype):
     """setns(2) for the calling thread; OSError on failure."""
-    if _libc().setns(fd, nstype) != 0:
+    if _LIBC.setns(fd, nstype) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-
-
-_LIBC = None
-
-
-def _libc():
-    global _LIBC
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-    return _LIBC
 
 
 def enter(path, what="--netns"):

@@ -253,7 +253,7 @@ def registered_settings(settings):
     bpffs mounted), else None: the outbound check picks its address, port and uid from
     them rather than from validate's own --config, which may not be the pod's."""
     from . import config
-    meta = check_registration(settings, want_meta=True)[3]
+    meta = registration(settings)[3]
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         return None
     try:
@@ -262,15 +262,10 @@ def registered_settings(settings):
         return None
 
 
-def check_registration(settings, want_meta=False):
-    """(ok, detail[, fix]): this network namespace's entry in the node program set; ok None
-    when it cannot be read from here (a pod mounts no bpffs of the node, and the pins are
-    root's). want_meta: (ok, detail, fix, description) with the description found."""
-    res = _registration(settings)
-    return res if want_meta else res[:3]
-
-
-def _registration(settings):
+def registration(settings):
+    """(ok, detail, fix, description): this network namespace's entry in the node program
+    set; ok None when it cannot be read from here (a pod mounts no bpffs of the node, and
+    the pins are root's)."""
     from .namespace import NodeMaps
     from .node import InstallError, NodePaths, read_meta
     paths = NodePaths(settings.bpffs_path)
@@ -346,7 +341,7 @@ def run(settings, timeout, echo):
     else:
         checks += [(f"outbound {f}", lambda f=f: check_outbound(pod or settings, f, uid))
                    for f in fams]
-    checks.append(("registration", lambda: check_registration(settings)))
+    checks.append(("registration", lambda: registration(settings)[:3]))
     for name, attempt in checks:
         while True:
             try:

@@ -183,8 +183,9 @@ def add(req):
     name = registration_name(req.network, req.container_id, req.ifname)
     settings, why_not = _settings(req, pc, name)
     ns, pod_name = _pod(req)
-    who = (f"pod {ns}/{pod_name}" if ns else f"pod {pod_name}") if pod_name else \
-        f"container {req.container_id[:12]}"
+    # podman gives K8S_POD_NAME without K8S_POD_NAMESPACE
+    pod = (f"{ns}/{pod_name}" if ns else pod_name) if pod_name else ""
+    who = f"pod {pod}" if pod else f"container {req.container_id[:12]}"
     if settings is None:
         log(f"ADD {who}: not captured: {why_not}")
         return req.added_result()
@@ -195,8 +196,8 @@ def add(req):
     try:
         labels = {"owner": "cni", "network": req.network, "container_id": req.container_id,
                   "ifname": req.ifname}
-        if pod_name:
-            labels["pod"] = f"{ns}/{pod_name}" if ns else pod_name
+        if pod:
+            labels["pod"] = pod
         p = netns.run_in(path, lifecycle.install, settings, cgroup,
                          precondition=_need_current_node, labels=labels)
     except lifecycle.Skipped as e:
