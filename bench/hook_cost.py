@@ -1,9 +1,10 @@
 """What each BPF program costs per run, during a new-connection load.
 
-    python bench/hook_cost.py [--seconds 3]
+    python bench/hook_cost.py [--seconds 3] [--no-accelerate]
 
 Sets kernel.bpf_stats_enabled for the duration of one wrk run (Connection: close,
-through HAProxy, eBPF capture installed in the bench lab) and prints, for each of our
+through HAProxy, eBPF capture installed in the bench lab, with acceleration unless
+--no-accelerate) and prints, for each of our
 programs, how often it ran and its mean run time; restores the sysctl afterwards, also
 on failure. Overhead: the stats themselves add two clock reads per program run.
 """
@@ -26,28 +27,25 @@ STATS = "/proc/sys/kernel/bpf_stats_enabled"
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=3)
+    ap.add_argument("--accelerate", action=argparse.BooleanOptionalAction, default=True,
+                    help="install with acceleration (the default) or without")
     args = ap.parse_args()
     old = open(STATS).read().strip()
     # bpftool shows the full name from BTF, or the 15 characters the kernel keeps
     ours = {n for p in PROGRAMS for n in (p.name, p.name[:15])}
     try:
         with Lab("cost") as lab:
-            d = os.path.dirname(lab.shared_file("x", ""))
-            nginx = lab.shared_file("nginx.conf", bench.NGINX.format(dir=d))
-            lab.spawn(["nginx", "-c", nginx, "-g", "daemon off;"], ns=lab.remote_ns,
-                      in_cgroup=False, ready=None)
-            lab.wait_listening(8080, ns=lab.remote_ns)
-            hap = lab.shared_file("haproxy.cfg", bench.HAPROXY.format(remote=REMOTE_IP4))
-            proc = lab.spawn(["haproxy", "-db", "-f", hap], user=bench.DP, ready=None)
-            lab.wait_listening(15001, proc=proc)
+            servers = bench.Servers(lab)
+            servers.start(bench.VARIANTS["haproxy"])
             modes = bench.Modes(lab)
-            modes.ebpf()
+            modes.ebpf(accelerate=args.accelerate)
             with open(STATS, "w") as f:
                 f.write("1")
             res = bench.wrk(lab, f"http://{REMOTE_IP4}:8080/", args.seconds, close=True)
             progs = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"],
                                               capture_output=True, text=True).stdout)
             modes.ebpf_off()
+            servers.stop()
     finally:
         with open(STATS, "w") as f:
             f.write(old)

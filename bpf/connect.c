@@ -8,8 +8,9 @@
  *  - the destination becomes 127.0.0.1 (::1) at the redirect port: REDIRECT in nat OUTPUT
  *    maps locally generated packets to the loopback address;
  *  - the source stays what the route to the original destination chose before NAT, so an
- *    unbound TCP socket is bound to that address here (tp_redirect_source): the proxy
- *    sees the host's address, not 127.0.0.1;
+ *    unbound IPv4 TCP socket is bound to that address here (tp_redirect_source): the
+ *    proxy sees the host's address, not 127.0.0.1 (IPv6 stays ::1 to ::1: a kernel quirk,
+ *    see tp_redirect_source);
  *  - the original destination is kept in the socket's sk_storage, for getpeername(), for
  *    sock_ops to record it for the proxy's SO_ORIGINAL_DST, and for recvmsg to show DNS
  *    replies as coming from the server that was asked.

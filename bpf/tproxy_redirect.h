@@ -74,13 +74,27 @@ static __always_inline enum tp_verdict tp_verdict(struct bpf_sock_addr *ctx,
  * rewrites only the destination). Loopback destinations: none to set (127.0.0.1 or ::1
  * follows from the new destination). Another local address: that address itself. A
  * remote one: the instance IP (--ebpf-instance-ip), the namespace's own address.
- * Returns 0 when the kernel's choice is already right. */
+ * Returns 0 when the kernel's choice is already right.
+ *
+ * IPv6 is the exception: the connection stays ::1 to ::1. From a global address to ::1
+ * it could not finish closing when the application closes first. The application's
+ * TIME_WAIT answers the proxy's FIN through the netns's control socket, routed strictly
+ * (::1 is a loopback address) out of the interface the FIN arrived on, which the kernel
+ * records as the device owning the global address, and that device has no route to ::1
+ * (Ip6OutNoRoutes): the proxy's socket stays in LAST_ACK retransmitting its FIN, and a
+ * reconnect that reuses the port (tcp_tw_reuse=2 counts ::1 as loopback) is answered with
+ * a bare ACK and waits for a SYN retransmission. Plain sockets show it with no BPF at all
+ * (tests/kernel/test_ipv6_close.py). Behind iptables no socket ever has these addresses:
+ * the application's keeps the remote destination. So the proxy sees ::1 as the peer of a
+ * redirected IPv6 connection where iptables shows the pod's address (README, "Differences
+ * from iptables"). */
 static __always_inline int tp_redirect_source(const struct tp_conn_attempt *a,
 					      const struct tp_config *cfg, u8 *src)
 {
-	const u8 *ip = tp_addr_is_mapped(a->dst) ? cfg->instance_ip4 : cfg->instance_ip6;
+	const u8 *ip = cfg->instance_ip4;
 
-	if (!tp_addr_is_unspecified(a->src) || tp_addr_is_loopback_net(a->dst))
+	if (!tp_addr_is_unspecified(a->src) || tp_addr_is_loopback_net(a->dst) ||
+	    !tp_addr_is_mapped(a->dst))
 		return 0;
 	if (a->dst_local)
 		ip = a->dst;

@@ -130,7 +130,8 @@ KUMA_OPTIONS = [
     click.option("--ebpf-bpffs-path", help="bpffs mount for the pins (default /sys/fs/bpf; "
                  "mounted if absent)."),
     click.option("--ebpf-instance-ip", help="The host's/pod's address the proxy sees as "
-                 "source (default: from netlink)."),
+                 "the source of redirected IPv4 connections (IPv6 ones keep ::1; README, "
+                 "Differences from iptables). Default: from netlink."),
     click.option("--ebpf-tc-attach-iface", help="(not used: no tc program)"),
     click.option("--ebpf-programs-source-path", help="(not used: programs are built in)"),
     click.option("--ebpf-accelerate", is_flag=False, flag_value="true", default=None,

@@ -61,9 +61,10 @@ fi
 # pod's pause image is built from it locally): the end-to-end test's container runtime.
 PKGS=(python3-bpfcc python3-venv "${BPFTOOL[@]}" "$LIBBPF" iptables iproute2 util-linux haproxy
       curl bind9-dnsutils prometheus systemd containernetworking-plugins podman runc catatonit)
-# make bench also needs a load generator, an HTTP server and a chart library.
+# make bench also needs a load generator, an HTTP server, a chart library and perf (the
+# new-connection profile, bench/conn_profile.py).
 if [ "${1:-}" = "bench" ]; then
-  PKGS+=(wrk nginx-light)
+  PKGS+=(wrk nginx-light linux-perf)
 fi
 # make kernels also validates the Vagrantfile (tests/unit/test_vagrantfile.py); qemu and
 # virtme-ng are installed by tests/kernels/run.py itself.
