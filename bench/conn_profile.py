@@ -16,7 +16,9 @@ bucket one of its kernel frames belongs to (leaf first):
   other kernel     everything else in the kernel (TCP/IP, scheduler, ...)
   user             HAProxy's, nginx's and wrk's own code
 and reported as CPU microseconds per connection (samples / 999 / connections), with
-the difference to no capture. Python (the bench itself) is left out. CPU time, not wall
+the difference to no capture, for all processes and for HAProxy's alone (with nbthread 1
+it is the bottleneck: a microsecond more there is a connection rate lower). Python (the
+bench itself) is left out; idle CPU is shown apart. CPU time, not wall
 time: it adds up both cores, so it is steadier than a rate on a busy VM, but frequency
 and steal still move it (a few per cent between repetitions here).
 
@@ -53,14 +55,18 @@ SKIP_COMMS = ("python", "perf")
 
 
 def parse(script):
-    """perf script output -> Counter of buckets (samples)."""
-    counts = collections.Counter()
+    """perf script output -> (Counter of buckets, Counter of the leaf symbols of the
+    samples that fell in "other kernel")."""
+    counts, leaves = collections.Counter(), collections.Counter()
     for block in script.split("\n\n"):
         lines = block.strip().splitlines()
         if not lines:
             continue
         comm = lines[0].split()[0]
         if comm.startswith(SKIP_COMMS):
+            continue
+        if comm.startswith("swapper"):
+            counts["idle"] += 1            # a CPU waiting: not work
             continue
         frames, user_leaf = [], None
         for line in lines[1:]:
@@ -86,8 +92,13 @@ def parse(script):
                     break
             if b:
                 break
-        counts[b or ("user" if user_leaf else "other kernel")] += 1
-    return counts
+        b = b or ("user" if user_leaf else "other kernel")
+        counts[b] += 1
+        if comm == "haproxy":
+            counts["proxy " + b] += 1
+        if b == "other kernel":
+            leaves[frames[0]] += 1
+    return counts, leaves
 
 
 def profile_mode(lab, modes, mode, seconds, cpu):
@@ -99,21 +110,20 @@ def profile_mode(lab, modes, mode, seconds, cpu):
         bench.wrk(lab, url + "/", 1, close=True, cpu=cpu)   # uncounted warm-up
         with tempfile.TemporaryDirectory() as d:
             data = os.path.join(d, "perf.data")
-            perf = subprocess.Popen(["perf", "record", "-a", "-g", "-F", str(FREQ), "-o", data,
-                                     "--", "sleep", str(seconds + 1)],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            res = bench.wrk(lab, url + "/", seconds, close=True, cpu=cpu)
-            perf.wait()
+            # perf samples every CPU for exactly as long as wrk runs
+            res = bench.wrk(lab, url + "/", seconds, close=True, cpu=cpu,
+                            prefix=["perf", "record", "-q", "-a", "-g", "-F", str(FREQ),
+                                    "-o", data, "--"])
             script = subprocess.run(["perf", "script", "-i", data, "-F", "comm,ip,sym,dso"],
                                     capture_output=True, text=True).stdout
     finally:
         if off:
             off()
-    counts = parse(script)
-    # the perf window is the wrk run plus up to a second around it: count its connections
-    # at the run's own rate over the window's length
-    conns = res["rps"] * (seconds + 1)
-    return {b: counts.get(b, 0) / FREQ / conns * 1e6 for b in BUCKETS}, res["rps"]
+    counts, leaves = parse(script)
+    per = 1e6 / FREQ / res["requests"]
+    return ({b: counts.get(b, 0) * per for b in BUCKETS + tuple("proxy " + x for x in BUCKETS)
+             + ("idle",)},
+            {k: v * per for k, v in leaves.items()}, res["rps"])
 
 
 def main():
@@ -126,6 +136,7 @@ def main():
         raise SystemExit("conn_profile needs root (namespaces, cgroup, BPF, perf)")
     v = bench.VARIANTS[args.variant]
     got = {m: [] for m in MODES}
+    leaves = {m: collections.Counter() for m in MODES}
     with Lab("prof") as lab:
         servers = bench.Servers(lab)
         bench.register_others(lab, 1)      # keeps the node set loaded (bench/run.py)
@@ -134,23 +145,41 @@ def main():
         try:
             for rep in range(args.reps):
                 for m in MODES:
-                    us, rate = profile_mode(lab, modes, m, args.seconds, cpu)
+                    us, leaf, rate = profile_mode(lab, modes, m, args.seconds, cpu)
                     got[m].append(us)
+                    leaves[m].update({k: v / args.reps for k, v in leaf.items()})
                     print(f"  {m:10} {rate:8.0f} conn/s  {sum(us.values()):6.1f} µs CPU per "
                           "connection", flush=True)
         finally:
             servers.stop()
-    med = {m: {b: statistics.median(r[b] for r in got[m]) for b in BUCKETS} for m in MODES}
+    med = {m: {b: statistics.median(r[b] for r in got[m]) for b in got[m][0]} for m in MODES}
     print(f"\nCPU µs per new connection, {v['label']}; medians of {args.reps} runs of "
-          f"{args.seconds} s (perf -a -g at {FREQ} Hz):\n")
+          f"{args.seconds} s (perf -a -g at {FREQ} Hz); all processes, and HAProxy's share "
+          "(its process, with the softirq work that ran in it):\n")
     print("| where | " + " | ".join(MODES) + " | " +
-          " | ".join(f"{m} − none" for m in MODES[1:]) + " |")
-    print("|---|" + "---|" * (2 * len(MODES) - 1))
-    for b in BUCKETS + ("total",):
-        vals = {m: (sum(med[m].values()) if b == "total" else med[m][b]) for m in MODES}
-        print(f"| {b} | " + " | ".join(f"{vals[m]:.1f}" for m in MODES) + " | " +
-              " | ".join(f"{vals[m] - vals['none']:+.1f}" for m in MODES[1:]) + " |")
+          " | ".join(f"{m} − none" for m in MODES[1:]) + " | HAProxy: " +
+          " | ".join(MODES) + " |")
+    print("|---|" + "---|" * (3 * len(MODES) - 1))
+    for b in BUCKETS + ("total", "idle"):
+        def val(m, prefix=""):
+            if b == "total":
+                return sum(med[m][prefix + x] for x in BUCKETS)
+            return med[m].get(prefix + b, 0.0)
+        proxy = " | ".join(f"{val(m, 'proxy '):.1f}" if b != "idle" else "" for m in MODES)
+        print(f"| {b} | " + " | ".join(f"{val(m):.1f}" for m in MODES) + " | " +
+              " | ".join(f"{val(m) - val('none'):+.1f}" for m in MODES[1:]) + f" | {proxy} |")
+    print("\n\"other kernel\" by the function sampled, the ten that grew most with capture "
+          "(µs per connection, mean of the runs; irq-disabled time lands on the function that "
+          "re-enables interrupts):\n")
+    print("| function | none | ebpf | ebpf-accel |")
+    print("|---|---|---|---|")
+    grew = sorted(set(leaves["ebpf"]) | set(leaves["ebpf-accel"]),
+                  key=lambda k: -(max(leaves["ebpf"][k], leaves["ebpf-accel"][k])
+                                  - leaves["none"][k]))
+    for k in grew[:10]:
+        print(f"| {k} | " + " | ".join(f"{leaves[m][k]:.1f}" for m in MODES) + " |")
 
 
 if __name__ == "__main__":
     main()
+

@@ -27,8 +27,9 @@ Repetitions are interleaved: for each repetition and workload every mode runs on
 to back, so each ratio to (a) is taken within one repetition (paired) and the reported ratio
 is the median of those; the machine's drift between repetitions (runs spread by +-10 % on
 these 2-core VMs) then cancels instead of landing in one mode. The node program set stays
-loaded throughout (an idle namespace is registered first): switching a mode on is a warm
-install, and no node set is torn down in the background of a measurement.
+loaded throughout (an idle namespace is registered first, attached to a cgroup beside the
+lab's): switching a mode on is a warm install, no node set is torn down in the background
+of a measurement, and (a) runs none of our programs.
 Reported: medians of --reps repetitions with min and max, paired ratios, and whether each
 of issue 16's goals was met, in bench/results/<date>.json, bench/results/summary.md,
 bench/results/chart.png and the README's Speed table (between its bench:begin/end markers;
@@ -129,14 +130,16 @@ class Stalled(Exception):
     README, Speed): the run is recorded as stalled, not as a number."""
 
 
-def wrk(lab, url, seconds, conns=16, close=False, latency=False, cpu=None):
+def wrk(lab, url, seconds, conns=16, close=False, latency=False, cpu=None, prefix=()):
+    """One wrk run from the application's place (its netns and cgroup), pinned to cpu if
+    given, under prefix (a command that runs it, such as perf record)."""
     args = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s"]
     args += ["-H", "Connection: close"] if close else []
     args += ["--latency"] if latency else []
     pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
     # timeout(1) kills wrk itself; lab.run's own limit would leave it running
-    r = lab.run(["timeout", "-s", "KILL", str(seconds + 30)] + pin + args + [url],
-                timeout=seconds + 60)
+    r = lab.run(["timeout", "-s", "KILL", str(seconds + 30)] + list(prefix) + pin + args +
+                [url], timeout=seconds + 60)
     if r.returncode in (124, 137):
         raise Stalled(f"wrk {url} did not finish within {seconds + 30} s")
     if r.returncode != 0:
@@ -352,12 +355,16 @@ class Servers:
 
 
 def register_others(lab, count):
-    """Register `count` more (idle) namespaces on the node, each in its own netns."""
+    """Register `count` more (idle) namespaces on the node, each in its own netns, all
+    attached to a cgroup beside the lab's: the lab's cgroup runs our programs only while
+    the mode measured has installed them, so (a) runs no BPF at all."""
+    if not getattr(lab, "others_cgroup", None):
+        lab.others_cgroup = lab.sibling_cgroup("others")
     for i in range(count):
         ns = lab.add_netns()
         r = lab.tproxy("install", "--name", f"other{len(lab.extra_ns):04d}", "--netns",
                        f"/run/netns/{ns}", "--redirect-inbound=false", "--kuma-dp-user", DP,
-                       netns=False)
+                       "--ebpf-cgroup-path", lab.others_cgroup, netns=False)
         if r.returncode != 0:
             raise SystemExit(f"registering another namespace failed: {r.stderr.strip()}")
         if (i + 1) % 50 == 0:
