@@ -1,6 +1,6 @@
 """Where a new connection's CPU goes: no capture vs eBPF capture vs eBPF + acceleration.
 
-    python bench/conn_profile.py [--seconds 3] [--reps 3] [--variant nbthread1]
+    python bench/conn_profile.py [--seconds 3] [--reps 3] [--variant nbthread1] [--out DIR]
 
 make bench reports what new connections cost as a ratio; this says why. In the bench lab
 (HAProxy, nginx, wrk with Connection: close; bench/run.py's set-ups) each mode runs wrk
@@ -15,7 +15,7 @@ bucket one of its kernel frames belongs to (leaf first):
   getsockname      getsockname()/getpeername() syscalls
   other kernel     everything else in the kernel (TCP/IP, scheduler, ...)
   user             HAProxy's, nginx's and wrk's own code
-and reported as CPU microseconds per connection (samples / 999 / connections), with
+and reported (bench/results/conn-<date>.json and a table) as CPU microseconds per connection (samples / 999 / connections), with
 the difference to no capture, for all processes and for HAProxy's alone (with nbthread 1
 it is the bottleneck: a microsecond more there is a connection rate lower). Python (the
 bench itself) is left out; idle CPU is shown apart. CPU time, not wall
@@ -26,6 +26,8 @@ Overhead: perf's sampling (~1 %); about 2 minutes. Needs root and perf (linux-pe
 """
 import argparse
 import collections
+import datetime
+import json
 import os
 import re
 import statistics
@@ -131,6 +133,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--variant", default="nbthread1", choices=list(bench.VARIANTS))
+    ap.add_argument("--out", default=bench.RESULTS, help="where conn-<date>.json goes")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("conn_profile needs root (namespaces, cgroup, BPF, perf)")
@@ -148,11 +151,20 @@ def main():
                     us, leaf, rate = profile_mode(lab, modes, m, args.seconds, cpu)
                     got[m].append(us)
                     leaves[m].update({k: v / args.reps for k, v in leaf.items()})
-                    print(f"  {m:10} {rate:8.0f} conn/s  {sum(us.values()):6.1f} µs CPU per "
-                          "connection", flush=True)
+                    print(f"  {m:10} {rate:8.0f} conn/s  {sum(us[b] for b in BUCKETS):6.1f} "
+                          "µs CPU per connection", flush=True)
         finally:
             servers.stop()
     med = {m: {b: statistics.median(r[b] for r in got[m]) for b in got[m][0]} for m in MODES}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, datetime.datetime.now().strftime("conn-%Y%m%d-%H%M%S.json"))
+    with open(path, "w") as f:
+        json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                   "machine": bench.machine(), "variant": args.variant, "label": v["label"],
+                   "reps": args.reps, "seconds": args.seconds, "freq_hz": FREQ,
+                   "us_per_connection_median": med, "runs": got,
+                   "other_kernel_leaves_mean": {m: dict(leaves[m].most_common(40))
+                                                for m in MODES}}, f, indent=1)
     print(f"\nCPU µs per new connection, {v['label']}; medians of {args.reps} runs of "
           f"{args.seconds} s (perf -a -g at {FREQ} Hz); all processes, and HAProxy's share "
           "(its process, with the softirq work that ran in it):\n")
@@ -168,6 +180,7 @@ def main():
         proxy = " | ".join(f"{val(m, 'proxy '):.1f}" if b != "idle" else "" for m in MODES)
         print(f"| {b} | " + " | ".join(f"{val(m):.1f}" for m in MODES) + " | " +
               " | ".join(f"{val(m) - val('none'):+.1f}" for m in MODES[1:]) + f" | {proxy} |")
+    print(f"\n(written to {path})")
     print("\n\"other kernel\" by the function sampled, the ten that grew most with capture "
           "(µs per connection, mean of the runs; irq-disabled time lands on the function that "
           "re-enables interrupts):\n")
