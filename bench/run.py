@@ -15,7 +15,7 @@ Workloads: new connections (Connection: close), keep-alive requests with their l
 (p50, p99), bulk throughput (an 8 MiB file); rule scaling: new-connection rate with 10,
 1,000 and 10,000 excluded CIDRs and ports for (b) and (c).
 Variants (issue 16), each a separate proxy set-up measured with (a), (c) and (d):
-  haproxy    HAProxy with its default threads (one per CPU), IPv4, 1 namespace; all modes
+  haproxy    HAProxy with its default threads (one per CPU), IPv4; all modes
   nbthread1  HAProxy with one thread, pinned to CPU 1, wrk and nginx on CPU 0
   reuseport  HAProxy with two SO_REUSEPORT listeners on 15001, one per thread (Envoy opens
              one per worker)
@@ -70,7 +70,7 @@ METRICS = (("conn", "rps", "new connections/s", True),
            ("latency", "p99_us", "latency p99 (µs)", False),
            ("bulk", "bytes_per_s", "bulk MB/s", True))
 VARIANTS = {
-    "haproxy": {"label": "HAProxy, default threads, IPv4, 1 namespace", "modes": MODES},
+    "haproxy": {"label": "HAProxy, default threads, IPv4", "modes": MODES},
     "nbthread1": {"label": "HAProxy nbthread 1 (pinned to CPU 1; wrk, nginx on CPU 0)",
                   "threads": 1, "pin": True},
     "reuseport": {"label": "HAProxy, 2 SO_REUSEPORT listeners (one per thread)",
