@@ -83,8 +83,9 @@ static __always_inline enum tp_verdict tp_verdict(struct bpf_sock_addr *ctx,
  * records as the device owning the global address, and that device has no route to ::1
  * (Ip6OutNoRoutes): the proxy's socket stays in LAST_ACK retransmitting its FIN, and a
  * reconnect that reuses the port (tcp_tw_reuse=2 counts ::1 as loopback) is answered with
- * a bare ACK and waits for a SYN retransmission. Plain sockets show it with no BPF at all
- * (tests/kernel/test_ipv6_close.py). Behind iptables no socket ever has these addresses:
+ * a bare ACK and waits for a SYN retransmission. Plain sockets show it too, with no BPF
+ * loaded; tests/kernel/test_ipv6_close.py checks that redirected connections close.
+ * Behind iptables no socket ever has these addresses:
  * the application's keeps the remote destination. So the proxy sees ::1 as the peer of a
  * redirected IPv6 connection where iptables shows the pod's address (README, "Differences
  * from iptables"). */
