@@ -276,8 +276,10 @@ def measure(lab, modes, mode, seconds, workload, cpu=None):
 
 def run_mode(lab, modes, mode, seconds, workload, cpu=None, n_rules=0):
     on, off, _ = modes.switch(mode)
-    if on:
-        on(n_rules) if n_rules else on()
+    if on and n_rules:
+        on(n_rules)
+    elif on:
+        on()
     try:
         return measure(lab, modes, mode, seconds, workload, cpu)
     finally:
@@ -467,9 +469,11 @@ def main():
         # An idle namespace keeps the node program set loaded: every mode switch is then a
         # warm install, and no node set is freed in the background of a measurement.
         register_others(lab, 1)
+        scaling = None
         for name in names:
             variants[name] = run_variant(lab, servers, name, VARIANTS[name], args)
-        scaling = run_rule_scaling(lab, servers, args) if "haproxy" in names else None
+            if name == "haproxy":   # on the same node as the first set-up, before node250
+                scaling = run_rule_scaling(lab, servers, args)
     report(args, variants, scaling)
 
 
