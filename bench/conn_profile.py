@@ -104,23 +104,15 @@ def parse(script):
 
 
 def profile_mode(lab, modes, mode, seconds, cpu):
-    on, off, _ = modes.switch(mode)
-    if on:
-        on()
-    try:
-        url = bench.url_of(mode, modes.family)
-        bench.wrk(lab, url + "/", 1, close=True, cpu=cpu)   # uncounted warm-up
-        with tempfile.TemporaryDirectory() as d:
-            data = os.path.join(d, "perf.data")
-            # perf samples every CPU for exactly as long as wrk runs
-            res = bench.wrk(lab, url + "/", seconds, close=True, cpu=cpu,
-                            prefix=["perf", "record", "-q", "-a", "-g", "-F", str(FREQ),
-                                    "-o", data, "--"])
-            script = subprocess.run(["perf", "script", "-i", data, "-F", "comm,ip,sym,dso"],
-                                    capture_output=True, text=True).stdout
-    finally:
-        if off:
-            off()
+    """One new-connection run of the bench (its warm-up and capture checks) with perf
+    sampling every CPU for exactly as long as the measured wrk runs."""
+    with tempfile.TemporaryDirectory() as d:
+        data = os.path.join(d, "perf.data")
+        res = bench.run_mode(lab, modes, mode, seconds, "conn", cpu,
+                             prefix=["perf", "record", "-q", "-a", "-g", "-F", str(FREQ),
+                                     "-o", data, "--"])
+        script = subprocess.run(["perf", "script", "-i", data, "-F", "comm,ip,sym,dso"],
+                                capture_output=True, text=True).stdout
     counts, leaves = parse(script)
     per = 1e6 / FREQ / res["requests"]
     return ({b: counts.get(b, 0) * per for b in BUCKETS + tuple("proxy " + x for x in BUCKETS)

@@ -250,8 +250,9 @@ def url_of(mode, family):
     return f"http://{REMOTE_IP4}:8080" if family == 4 else f"http://[{REMOTE_IP6}]:8080"
 
 
-def measure(lab, modes, mode, seconds, workload, cpu=None):
-    """One run of one workload in a mode that is switched on; checked for capture."""
+def measure(lab, modes, mode, seconds, workload, cpu=None, prefix=()):
+    """One run of one workload in a mode that is switched on; checked for capture. prefix
+    runs the measured wrk (not the warm-up): conn_profile's perf record."""
     url = url_of(mode, modes.family)
     counter = modes.switch(mode)[2]
     # One uncounted second first: a mode just switched on (programs linked, rules
@@ -260,11 +261,11 @@ def measure(lab, modes, mode, seconds, workload, cpu=None):
     before = counter() if counter else 0
     accel_before = modes.ebpf_accelerated() if mode == "ebpf-accel" else 0
     if workload == "conn":
-        res = wrk(lab, url + "/", seconds, close=True, cpu=cpu)
+        res = wrk(lab, url + "/", seconds, close=True, cpu=cpu, prefix=prefix)
     elif workload == "latency":
-        res = wrk(lab, url + "/", seconds, latency=True, cpu=cpu)
+        res = wrk(lab, url + "/", seconds, latency=True, cpu=cpu, prefix=prefix)
     else:
-        res = wrk(lab, url + "/big", seconds, conns=4, cpu=cpu)
+        res = wrk(lab, url + "/big", seconds, conns=4, cpu=cpu, prefix=prefix)
     if counter:
         check_captured(mode, before, counter(), res["requests"], workload == "conn")
     if mode == "ebpf-accel" and modes.ebpf_accelerated() - accel_before < res["requests"]:
@@ -274,14 +275,14 @@ def measure(lab, modes, mode, seconds, workload, cpu=None):
     return res
 
 
-def run_mode(lab, modes, mode, seconds, workload, cpu=None, n_rules=0):
+def run_mode(lab, modes, mode, seconds, workload, cpu=None, n_rules=0, prefix=()):
     on, off, _ = modes.switch(mode)
     if on and n_rules:
         on(n_rules)
     elif on:
         on()
     try:
-        return measure(lab, modes, mode, seconds, workload, cpu)
+        return measure(lab, modes, mode, seconds, workload, cpu, prefix)
     finally:
         if off:
             off()
@@ -425,7 +426,11 @@ def run_rule_scaling(lab, servers, args):
         for rep in range(args.reps):
             for n in (10, 1000, 10000):
                 for m in ("iptables", "ebpf"):
-                    res = run_mode(lab, modes, m, args.seconds, "conn", n_rules=n)
+                    try:
+                        res = run_mode(lab, modes, m, args.seconds, "conn", n_rules=n)
+                    except Stalled as e:
+                        raise SystemExit(f"rule scaling ({m}, {n} rules): {e}; run make "
+                                         "bench again") from None
                     scaling[f"{m}-{n}"].append(res)
                     print(f"  {m:9} {n:5} rules {res['rps']:10.0f} conn/s", flush=True)
     finally:
