@@ -54,7 +54,7 @@ kernels-ci: setup
 bench: setup
 	@bash scripts/setup.sh bench
 	$(PY) bench/run.py
-	$(PY) bench/conn_profile.py
+	$(PY) bench/cpu_profile.py
 	$(PY) bench/state_scaling.py
 	$(PY) bench/node_scaling.py
 

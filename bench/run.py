@@ -252,7 +252,7 @@ def url_of(mode, family):
 
 def measure(lab, modes, mode, seconds, workload, cpu=None, prefix=()):
     """One run of one workload in a mode that is switched on; checked for capture. prefix
-    runs the measured wrk (not the warm-up): conn_profile's perf record."""
+    runs the measured wrk (not the warm-up): cpu_profile's perf record."""
     url = url_of(mode, modes.family)
     counter = modes.switch(mode)[2]
     # One uncounted second first: a mode just switched on (programs linked, rules

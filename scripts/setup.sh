@@ -62,7 +62,7 @@ fi
 PKGS=(python3-bpfcc python3-venv "${BPFTOOL[@]}" "$LIBBPF" iptables iproute2 util-linux haproxy
       curl bind9-dnsutils prometheus systemd containernetworking-plugins podman runc catatonit)
 # make bench also needs a load generator, an HTTP server, a chart library and perf (the
-# new-connection profile, bench/conn_profile.py).
+# CPU profile, bench/cpu_profile.py).
 if [ "${1:-}" = "bench" ]; then
   PKGS+=(wrk nginx-light linux-perf)
 fi
