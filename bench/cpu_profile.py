@@ -8,12 +8,14 @@ make bench reports each workload as a ratio to no capture; this says why. In the
 lab (HAProxy, nginx, wrk; bench/run.py's set-ups and workloads: conn = new connections
 with Connection: close, latency = keep-alive requests, bulk = an 8 MiB file over
 keep-alive) each mode runs wrk while `perf record -a -g` samples every CPU at 999 Hz.
-Each sample is put in the first bucket one of its kernel frames belongs to (leaf first):
+Each sample is put in the first bucket one of its kernel frames belongs to (leaf first;
+user-space frames never match, a CPU in its idle loop is idle):
   our programs     bpf_prog_* of the node set (connect4, sock_ops, getsockopt, ...)
   sk_storage       creating and freeing our per-socket storage (bpf_sk_storage_*,
                    bpf_local_storage_*)
-  sockmap          acceleration: joining and leaving the sockhash, sk_msg redirects
-                   (tcp_bpf_*, sock_map_*, sk_psock_*, sk_msg_*)
+  sockmap          acceleration: joining and leaving the sockhash, sk_msg redirects and
+                   the receive from the psock's queue (tcp_bpf_*, sock_map_*, sock_hash_*,
+                   sk_psock_*, sk_msg_*, bpf_msg_redirect_*)
   getsockopt       the proxy's getsockopt(SO_ORIGINAL_DST) syscall (around our program)
   getsockname      getsockname()/getpeername() syscalls
   tcp/ip           TCP and IP send and receive, loopback and veth, the packets' softirq
@@ -33,7 +35,8 @@ What bounds acceleration: in (a) the tcp/ip bucket holds both hops (wrk to HAPro
 to nginx); acceleration can take off at most the first, and not its copies of the bytes
 (sk_msg copies them too). So the best (d) can do on a CPU-bound run is
 total / (total - (tcp/ip - copies) / 2) (both hops carry the same bytes), which the table
-prints beside the ratio of CPU per unit that was measured.
+prints beside the ratio of CPU per unit that was measured (keep-alive and bulk only: a new
+connection's handshake and close stay on TCP).
 
 Overhead: perf's sampling (~1 %); about 2 minutes per workload. Needs root and perf
 (linux-perf).
@@ -67,9 +70,15 @@ UNITS = {"conn": ("connection", lambda res, seconds: res["requests"]),
          "bulk": ("MB", lambda res, seconds: res["bytes_per_s"] * seconds / 1e6)}
 # the kernel names a program by its BTF name, or the 15 characters it keeps without BTF
 OURS = tuple({n for p in PROGRAMS for n in (p.name, p.name[:15])})
+# Matched against kernel frames only (HAProxy or libc may have a tcp_* or inet_* of their
+# own), leaf first: a sample belongs to the nearest frame a rule names.
 RULES = (("sk_storage", re.compile(r"^(bpf_sk_storage_|bpf_local_storage_|"
                                    r"bpf_selem_)")),
-         ("sockmap", re.compile(r"^(tcp_bpf_|sock_map_|sk_psock_|sk_msg_|bpf_tcp_ingress)")),
+         # the helpers our programs call to join and redirect count here, not as ours,
+         # like the storage helpers above; leading underscores: __sk_msg_recvmsg
+         ("sockmap", re.compile(r"^_*(tcp_bpf_|sock_map_|sock_hash_|bpf_sock_hash_|"
+                                r"sk_psock_|sk_msg_|bpf_tcp_ingress|bpf_msg_redirect_|"
+                                r"bpf_sk_redirect_)")),
          ("getsockopt", re.compile(r"^__sys_getsockopt$")),
          ("getsockname", re.compile(r"^__sys_get(sock|peer)name$")),
          # last: tcp_bpf_* above is the sockmap's
@@ -77,13 +86,33 @@ RULES = (("sk_storage", re.compile(r"^(bpf_sk_storage_|bpf_local_storage_|"
                                r"ipv6_|__netif_|netif_|net_rx_action|process_backlog|"
                                r"__napi_poll|loopback_xmit|veth_|__dev_queue_xmit|"
                                r"dev_hard_start_xmit|skb_|__skb_|__alloc_skb|kfree_skb|"
-                               r"consume_skb|sock_def_readable|sk_stream_|__sk_|nf_)")))
+                               r"consume_skb|sk_stream_|nf_)")))
 SKIP_COMMS = ("python", "perf")
+
+
+def _kernel(sym, dso):
+    return "kernel.kallsyms" in dso or "[bpf_prog]" in dso or sym.startswith("bpf_prog_")
+
+
+def classify(frames):
+    """The bucket of one sample from its frames, leaf first, as (symbol, in the kernel?);
+    None if no kernel frame is claimed by a bucket."""
+    for sym, kernel in frames:
+        if not kernel:
+            continue
+        if sym.startswith("bpf_prog_") and any(sym.endswith("_" + n) for n in OURS):
+            return "our programs"
+        for name, rx in RULES:
+            if rx.match(sym):
+                return name
+    return None
 
 
 def parse(script):
     """perf script output -> (Counter of buckets, {bucket: Counter of the leaf symbols
-    sampled in it}) for the kernel's buckets."""
+    sampled in it}) for the kernel's buckets. A sample of an idle CPU (swapper) is idle
+    unless a bucket claims it: packet receive, and the RCU frees of our storage and the
+    sockhash, also run there."""
     counts, leaves = collections.Counter(), collections.defaultdict(collections.Counter)
     for block in script.split("\n\n"):
         lines = block.strip().splitlines()
@@ -92,39 +121,25 @@ def parse(script):
         comm = lines[0].split()[0]
         if comm.startswith(SKIP_COMMS):
             continue
-        if comm.startswith("swapper"):
-            counts["idle"] += 1            # a CPU waiting: not work
-            continue
-        frames, user_leaf = [], None
+        frames = []
         for line in lines[1:]:
             parts = line.split(None, 2)
             if len(parts) < 2:
                 continue
             sym = parts[1].split("+")[0]
-            dso = parts[2] if len(parts) > 2 else ""
-            if user_leaf is None:
-                user_leaf = "kernel.kallsyms" not in dso and "[bpf_prog]" not in dso and \
-                    not sym.startswith("bpf_prog_")
-            frames.append(sym)
+            frames.append((sym, _kernel(sym, parts[2] if len(parts) > 2 else "")))
         if not frames:
             continue
-        b = None
-        for f in frames:
-            if f.startswith("bpf_prog_") and any(f.endswith("_" + n) for n in OURS):
-                b = "our programs"
-                break
-            for name, rx in RULES:
-                if rx.match(f):
-                    b = name
-                    break
-            if b:
-                break
-        b = b or ("user" if user_leaf else "other kernel")
+        b = classify(frames)
+        if comm.startswith("swapper") and b is None:
+            counts["idle"] += 1            # a CPU waiting: not work
+            continue
+        b = b or ("other kernel" if frames[0][1] else "user")
         counts[b] += 1
         if comm == "haproxy":
             counts["proxy " + b] += 1
         if b != "user":
-            leaves[b][frames[0]] += 1
+            leaves[b][frames[0][0]] += 1
     return counts, dict(leaves)
 
 
@@ -140,9 +155,11 @@ def profile_mode(lab, modes, mode, workload, seconds, cpu):
                                 capture_output=True, text=True).stdout
     counts, leaves = parse(script)
     per = 1e6 / FREQ / UNITS[workload][1](res, seconds)
-    return ({b: counts.get(b, 0) * per for b in BUCKETS + tuple("proxy " + x for x in BUCKETS)
-             + ("idle",)},
-            {b: {k: v * per for k, v in c.items()} for b, c in leaves.items()}, res["rps"])
+    us = {b: counts.get(b, 0) * per for b in BUCKETS + tuple("proxy " + x for x in BUCKETS)
+          + ("idle",)}
+    us["tcp/ip copies"] = per * sum(v for k, v in leaves.get("tcp/ip", {}).items()
+                                    if COPIES.match(k))
+    return us, {b: {k: v * per for k, v in c.items()} for b, c in leaves.items()}, res["rps"]
 
 
 # Copying the bytes between user memory and the kernel: sk_msg copies them too (into the
@@ -151,13 +168,13 @@ COPIES = re.compile(r"^(_copy_(to|from)_iter|copy_user_|rep_movs|memcpy|__memcpy
                     r"copy_page_(to|from)_iter)")
 
 
-def acceleration_bound(med, tcp_ip_leaves):
-    """The most (d) could gain on a CPU-bound run if acceleration took the whole
-    application-proxy hop's TCP/IP off and added nothing: half of (a)'s tcp/ip bucket (two
-    hops carry the same bytes), less the copies sk_msg makes as well."""
-    total = sum(med["none"][b] for b in BUCKETS)
-    copies = sum(v for k, v in tcp_ip_leaves.items() if COPIES.match(k))
-    return total / (total - max(0.0, med["none"]["tcp/ip"] - copies) / 2)
+def acceleration_bound(run):
+    """The most (d) could gain over (a) on a CPU-bound run if acceleration took the whole
+    application-proxy hop's TCP/IP off and added nothing, from one run of (a): half of its
+    tcp/ip bucket (both hops carry the same bytes) less the copies sk_msg makes as well.
+    Not for new connections: their handshakes and closes stay on TCP."""
+    total = sum(run[b] for b in BUCKETS)
+    return total / (total - max(0.0, run["tcp/ip"] - run["tcp/ip copies"]) / 2)
 
 
 def profile_workload(lab, modes, workload, args, cpu):
@@ -179,7 +196,8 @@ def profile_workload(lab, modes, workload, args, cpu):
     return {"unit": unit, "us_median": med, "runs": got, "rates": rates,
             "leaves_mean": {m: {b: dict(c.most_common(40)) for b, c in leaves[m].items()}
                             for m in MODES},
-            "acceleration_bound": acceleration_bound(med, leaves["none"]["tcp/ip"])}
+            "acceleration_bound": None if workload == "conn" else
+            statistics.median(acceleration_bound(x) for x in got["none"])}
 
 
 def print_workload(workload, r, args, label):
@@ -202,8 +220,9 @@ def print_workload(workload, r, args, label):
     total = {m: sum(med[m][b] for b in BUCKETS) for m in MODES}
     print(f"\nCPU per {unit}, none / mode (what a CPU-bound rate ratio follows): " +
           ", ".join(f"{m} {total['none'] / total[m]:.2f}" for m in MODES[1:]) +
-          f"; the most acceleration could give (half of none's tcp/ip but its copies taken "
-          f"off, nothing added): {r['acceleration_bound']:.2f}")
+          ("" if r["acceleration_bound"] is None else
+           "; the most acceleration could give (half of none's tcp/ip but its copies taken "
+           f"off, nothing added; median of the runs): {r['acceleration_bound']:.2f}"))
     def leaves(bucket):
         return {m: collections.Counter(r["leaves_mean"][m].get(bucket, {})) for m in MODES}
 

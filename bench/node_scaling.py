@@ -275,10 +275,12 @@ def connect_run(lab, seconds):
 
 
 def cpu_busy(window=1.0):
-    """The share of both CPUs' time not idle over `window` seconds (/proc/stat)."""
+    """The share of the CPUs' time not idle over `window` seconds (/proc/stat: user, nice,
+    system, idle, iowait, irq, softirq, steal; guest time is already in user and nice).
+    Steal counts as busy: a neighbour taking the CPU disturbs a phase as much."""
     def read():
         with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
+            v = [int(x) for x in f.readline().split()[1:9]]
         return sum(v), v[3] + v[4]          # total, idle + iowait
     t0, i0 = read()
     time.sleep(window)

@@ -148,8 +148,9 @@ def wrk(lab, url, seconds, conns=16, close=False, latency=False, cpu=None, prefi
     res = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
            "requests": int(re.search(r"(\d+) requests in", out).group(1))}
     m = re.search(r"Transfer/sec:\s+([\d.]+)(\w+)", out)
-    res["bytes_per_s"] = float(m.group(1)) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}.get(
-        m.group(2), 1)
+    # wrk's units are binary (its MB is 2^20 bytes)
+    res["bytes_per_s"] = float(m.group(1)) * {"B": 1, "KB": 1 << 10, "MB": 1 << 20,
+                                              "GB": 1 << 30}.get(m.group(2), 1)
     for pct in ("50", "99"):
         m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
         if m:
