@@ -57,6 +57,7 @@ bench: setup
 	$(PY) bench/cpu_profile.py
 	$(PY) bench/state_scaling.py
 	$(PY) bench/node_scaling.py
+	$(PY) bench/udp_cost.py
 
 clean:
 	rm -rf .venv *.egg-info .pytest_cache

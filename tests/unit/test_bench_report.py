@@ -1,16 +1,14 @@
 """bench/run.py's report: the README's Speed table is rendered from a run's result, between
 its markers, and nothing else in the README changes (no root, no measuring)."""
-import importlib.util
 import os
+
+from .bench_modules import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_run", os.path.join(ROOT, "bench", "run.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("run")
 
 
 def _stat(x):

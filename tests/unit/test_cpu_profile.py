@@ -1,23 +1,11 @@
 """bench/cpu_profile.py's buckets: each perf sample lands where its nearest kernel frame
 says (our programs, our storage, the sockhash, TCP/IP, ...), and the acceleration bound is
 computed from no capture's profile (no root, no perf)."""
-import importlib.util
-import os
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .bench_modules import load
 
 
 def _profile():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "bench_cpu_profile", os.path.join(ROOT, "bench", "cpu_profile.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(os.path.join(ROOT, "bench"))
+    return load("cpu_profile")
 
 
 def _sample(comm, *frames):
