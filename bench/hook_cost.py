@@ -9,9 +9,7 @@ programs, how often it ran and its mean run time; restores the sysctl afterwards
 on failure. Overhead: the stats themselves add two clock reads per program run.
 """
 import argparse
-import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -19,7 +17,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import run as bench  # noqa: E402
 from loader.lab import REMOTE_IP4, Lab  # noqa: E402
-from loader.programs import PROGRAMS  # noqa: E402
 
 STATS = "/proc/sys/kernel/bpf_stats_enabled"
 
@@ -31,8 +28,6 @@ def main():
                     help="install with acceleration (the default) or without")
     args = ap.parse_args()
     old = open(STATS).read().strip()
-    # bpftool shows the full name from BTF, or the 15 characters the kernel keeps
-    ours = {n for p in PROGRAMS for n in (p.name, p.name[:15])}
     try:
         with Lab("cost") as lab:
             servers = bench.Servers(lab)
@@ -42,8 +37,8 @@ def main():
             with open(STATS, "w") as f:
                 f.write("1")
             res = bench.wrk(lab, f"http://{REMOTE_IP4}:8080/", args.seconds, close=True)
-            progs = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"],
-                                              capture_output=True, text=True).stdout)
+            # the lab's own node set, loaded for this run: its counts are this run's
+            progs = bench.prog_times(lab)
             modes.ebpf_off()
             servers.stop()
     finally:
@@ -51,11 +46,11 @@ def main():
             f.write(old)
     print(f"{res['requests']} connections in {args.seconds} s ({res['rps']:.0f}/s)")
     total = 0
-    for p in progs:
-        if p.get("name") in ours and p.get("run_cnt"):
-            total += p["run_time_ns"]
-            print(f"  {p['name']:20} {p['run_cnt'] / res['requests']:5.1f} runs/connection "
-                  f"{p['run_time_ns'] / p['run_cnt']:6.0f} ns/run")
+    for name, (run_time_ns, run_cnt) in progs.items():
+        if run_cnt:
+            total += run_time_ns
+            print(f"  {name:20} {run_cnt / res['requests']:5.1f} runs/connection "
+                  f"{run_time_ns / run_cnt:6.0f} ns/run")
     print(f"  BPF time per connection: {total / res['requests'] / 1000:.1f} µs")
 
 

@@ -231,33 +231,17 @@ def warm_installs(lab, reps):
             "uninstall_wall_s": stats(unwalls)}
 
 
-def bpf_time(lab):
-    """{program: (run_time_ns, run_cnt)} of the node set's pinned programs; the counts
-    grow only while statistics are enabled (bpfsys.enable_stats)."""
-    paths = NodePaths(lab.bpffs)
-    d = paths.progs(read_meta(paths)["digest"])
-    out = {}
-    for name in sorted(os.listdir(d)):
-        fd = bpfsys.obj_get(os.path.join(d, name))
-        try:
-            info = bpfsys.prog_info(fd)
-        finally:
-            os.close(fd)
-        out[name] = (info["run_time_ns"], info["run_cnt"])
-    return out
-
-
 def connect_run(lab, seconds):
     """One run of the connect loop; its rate, after checking every connect was captured,
     and the time our programs ran during it, per connection."""
     before = status(lab, "default")[0]["counters"]["redirected_outbound"]
-    bpf_before = bpf_time(lab)
+    bpf_before = bench.prog_times(lab)
     r = lab.run([PYTHON, "-c", CLIENT, REMOTE_IP4, str(PORT), str(seconds)],
                 timeout=seconds + 120)
     if r.returncode != 0:
         raise SystemExit(f"connect loop failed: {r.stderr.strip()}")
     res = json.loads(r.stdout)
-    bpf_after = bpf_time(lab)
+    bpf_after = bench.prog_times(lab)
     after = status(lab, "default")[0]["counters"]["redirected_outbound"]
     res["bpf"] = {name: {"run_time_ns": bpf_after[name][0] - t0, "run_cnt": bpf_after[name][1] - c0}
                   for name, (t0, c0) in bpf_before.items()}

@@ -56,7 +56,8 @@ import sys
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, PROJECT)
 
-from loader import config, iptables_oracle  # noqa: E402
+from loader import bpfsys, config, iptables_oracle  # noqa: E402
+from loader.node import NodePaths, read_meta  # noqa: E402
 from loader.lab import REMOTE_IP4, REMOTE_IP6, Lab  # noqa: E402
 
 DP = "nobody"
@@ -109,7 +110,7 @@ def haproxy_config(remote4=REMOTE_IP4, remote6=REMOTE_IP6, threads=None, reusepo
     for IPv6) is what the client addresses in mode (a)."""
     captured = ("    bind 0.0.0.0:15001 thread 1\n    bind 0.0.0.0:15001 thread 2\n"
                 if reuseport else "    bind 0.0.0.0:15001\n")
-    return (f"global\n    maxconn 8000\n" + (f"    nbthread {threads}\n" if threads else "") +
+    return ("global\n    maxconn 8000\n" + (f"    nbthread {threads}\n" if threads else "") +
             "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n"
             "    timeout server 60s\n"
             f"frontend captured\n{captured}    default_backend original_destination\n"
@@ -311,15 +312,20 @@ def paired_ratios(raw, modes):
     return out
 
 
+def goal_met(ratio, bound, at_least):
+    """(the ratio as the table shows it, whether that meets the goal): judged as shown."""
+    shown = round(ratio["median"], 2)
+    return shown, shown >= bound if at_least else shown <= bound
+
+
 def goals(paired):
     """Issue 16's goals against one variant's paired ratios: {goal: [ratio, met]}."""
     out = {}
     for w, key, mode, bound, at_least in GOALS:
         r = paired.get(f"{mode} {w} {key}")
         if r:
-            v = round(r["median"], 2)          # judged as the table shows it
-            out[f"{mode} {w} {key} {'>=' if at_least else '<='} {bound}"] = [
-                v, v >= bound if at_least else v <= bound]
+            out[f"{mode} {w} {key} {'>=' if at_least else '<='} {bound}"] = list(
+                goal_met(r, bound, at_least))
     return out
 
 
@@ -356,6 +362,22 @@ class Servers:
                 os.killpg(p.pid, signal.SIGKILL)   # spawn() made each a group leader
             p.wait()
         self.procs = []
+
+
+def prog_times(lab):
+    """{program: (run_time_ns, run_cnt)} of the lab's node set's pinned programs; the
+    counts grow only while statistics are enabled (bpfsys.enable_stats)."""
+    paths = NodePaths(lab.bpffs)
+    d = paths.progs(read_meta(paths)["digest"])
+    out = {}
+    for name in sorted(os.listdir(d)):
+        fd = bpfsys.obj_get(os.path.join(d, name))
+        try:
+            info = bpfsys.prog_info(fd)
+        finally:
+            os.close(fd)
+        out[name] = (info["run_time_ns"], info["run_cnt"])
+    return out
 
 
 def register_others(lab, count):
@@ -574,9 +596,7 @@ def summary_lines(result):
             cell = _ratio(r) if r else "–"
             g = next((x for x in GOALS if x[:3] == (w, key, m)), None)
             if r and g:
-                shown = round(r["median"], 2)     # judged as shown
-                ok = shown >= g[3] if g[4] else shown <= g[3]
-                cell += " ✓" if ok else " ✗"
+                cell += " ✓" if goal_met(r, g[3], g[4])[1] else " ✗"
             cells.append(cell)
         stalled = len(v.get("stalls", []))
         note = f" ({stalled} run{'s' if stalled > 1 else ''} stalled)" if stalled else ""

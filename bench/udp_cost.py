@@ -28,7 +28,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -77,16 +76,10 @@ print(json.dumps({"datagrams": n, "seconds": time.monotonic() - start, "lost": l
 """
 
 
-def prog_stats():
-    """{name: (run_cnt, run_time_ns)} of our UDP programs (bpftool; stats must be on)."""
-    out = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True,
-                                    text=True, check=True).stdout)
-    got = {n: [0, 0] for n in OURS}
-    for p in out:
-        if p.get("name") in got:
-            got[p["name"]][0] += p.get("run_cnt", 0)
-            got[p["name"]][1] += p.get("run_time_ns", 0)
-    return got
+def prog_stats(lab):
+    """{name: (run_cnt, run_time_ns)} of our UDP programs (stats must be on)."""
+    times = bench.prog_times(lab)
+    return {n: (times[n][1], times[n][0]) for n in OURS}
 
 
 def install(lab, mode):
@@ -102,12 +95,12 @@ def one_run(lab, mode, load, seconds):
     install(lab, mode)
     try:
         lab.run([PYTHON, "-c", CLIENT, REMOTE_IP4, str(PORT), "0.5", load], timeout=60)
-        before = prog_stats()
+        before = prog_stats(lab)
         r = lab.run([PYTHON, "-c", CLIENT, REMOTE_IP4, str(PORT), str(seconds), load],
                     timeout=seconds + 60)
         if r.returncode != 0:
             raise SystemExit(f"client failed: {r.stderr.strip()}")
-        after = prog_stats()
+        after = prog_stats(lab)
     finally:
         if mode != "none":
             lab.tproxy("uninstall")
