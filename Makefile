@@ -58,6 +58,7 @@ bench: setup
 	$(PY) bench/state_scaling.py
 	$(PY) bench/node_scaling.py
 	$(PY) bench/udp_cost.py
+	$(PY) bench/trace_cost.py
 
 clean:
 	rm -rf .venv *.egg-info .pytest_cache

@@ -30,12 +30,12 @@ int connect4(struct bpf_sock_addr *ctx)
 	tp_addr_from_ip4(a.dst, ctx->user_ip4);
 	tp_addr_from_ip4(a.src, sk->src_ip4);
 	a.dst_port = bpf_ntohs((u16)ctx->user_port);
-	v = tp_verdict(ctx, &a, &cfg, &target_port);
+	v = tp_verdict(ctx, TP_HOOK_CONNECT4, &a, &cfg, &target_port);
 	if (v == TP_DIRECT || !cfg) {
 		tp_forget_orig(sk);
 		return 1;
 	}
-	if (!tp_remember_orig(sk, cfg, a.dst, a.dst_port, TP_AF_INET))
+	if (!tp_remember_orig(ctx, sk, TP_HOOK_CONNECT4, cfg, a.dst, a.dst_port, TP_AF_INET))
 		return 1;
 	if (v != TP_TO_DNS && tp_redirect_source(&a, cfg, a.src)) {
 		struct sockaddr_in sin = { .sin_family = TP_AF_INET };
@@ -63,7 +63,7 @@ int connect6(struct bpf_sock_addr *ctx)
 	tp_addr_from_ctx_ip6(a.dst, ctx->user_ip6);
 	tp_addr_from_ctx_ip6(a.src, sk->src_ip6);
 	a.dst_port = bpf_ntohs((u16)ctx->user_port);
-	v = tp_verdict(ctx, &a, &cfg, &target_port);
+	v = tp_verdict(ctx, TP_HOOK_CONNECT6, &a, &cfg, &target_port);
 	if (v == TP_DIRECT || !cfg) {
 		tp_forget_orig(sk);
 		return 1;
@@ -71,7 +71,8 @@ int connect6(struct bpf_sock_addr *ctx)
 	/* A v4-mapped destination on an AF_INET6 socket is IPv4 (Kuma: IPv4 rules apply),
 	 * and the proxy's SO_ORIGINAL_DST answer for it is a sockaddr_in. */
 	mapped = tp_addr_is_mapped(a.dst);
-	if (!tp_remember_orig(sk, cfg, a.dst, a.dst_port, mapped ? TP_AF_INET : TP_AF_INET6))
+	if (!tp_remember_orig(ctx, sk, TP_HOOK_CONNECT6, cfg, a.dst, a.dst_port,
+			      mapped ? TP_AF_INET : TP_AF_INET6))
 		return 1;
 	if (v != TP_TO_DNS && tp_redirect_source(&a, cfg, a.src)) {
 		struct sockaddr_in6 sin6 = { .sin6_family = TP_AF_INET6 };

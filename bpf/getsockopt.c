@@ -23,6 +23,7 @@
  *    its own result (values over a page would otherwise fail with EFAULT).
  */
 #include "tproxy_conn.h"
+#include "tproxy_trace.h"
 
 /* Largest optlen the kernel's buffer for the program can hold (one page); a larger one
  * must be passed on as 0, or the call fails with EFAULT on older kernels. */
@@ -79,11 +80,39 @@ static __always_inline int tp_kernel_answer_is_a_loop(struct bpf_sockopt *ctx,
 	}
 }
 
+/* What the proxy was told (addr:port, zero if nothing), with the socket's peer (the
+ * application's end) and the proxy's own port. cfg is the namespace's configuration, or
+ * NULL where only its cookie is at hand (an answer): then it is looked up only while a
+ * trace is reading, so an untraced answer pays one inlined array load. */
+static __always_inline void tp_trace_answer(struct bpf_sockopt *ctx, struct bpf_sock *sk,
+					    const struct tp_config *cfg, u64 netns, u32 reason,
+					    const u8 *addr, u16 port)
+{
+#ifndef TP_NO_TRACE
+	u8 peer[16];
+
+	if (!cfg) {
+		if (!tp_trace_active())
+			return;
+		cfg = tp_ns_config(netns);
+	}
+	if (!cfg || !tp_tracing(cfg))
+		return;
+	if (sk->family == TP_AF_INET)
+		tp_addr_from_ip4(peer, sk->dst_ip4);
+	else
+		tp_addr_from_ctx_ip6(peer, sk->dst_ip6);
+	tp_trace(ctx, cfg, TP_HOOK_GETSOCKOPT, IPPROTO_TCP, reason, addr, port, peer,
+		 bpf_ntohs((u16)sk->dst_port), (u16)sk->src_port);
+#endif
+}
+
 int getsockopt_orig_dst(struct bpf_sockopt *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
 	struct tp_config *cfg;
 	struct tp_answer *a;
+	u8 none[16] = {};
 	u64 netns;
 
 	if (ctx->optname != TP_SO_ORIGINAL_DST ||
@@ -103,10 +132,12 @@ int getsockopt_orig_dst(struct bpf_sockopt *ctx)
 			return tp_pass_on(ctx);
 		if (ctx->retval != 0) {
 			tp_count(netns, TP_R_ORIG_DST_MISSED);
+			tp_trace_answer(ctx, sk, cfg, netns, TP_R_ORIG_DST_MISSED, none, 0);
 			return tp_pass_on(ctx);
 		}
 		if (tp_kernel_answer_is_a_loop(ctx, sk, cfg)) {
 			tp_count(netns, TP_R_ORIG_DST_REFUSED);
+			tp_trace_answer(ctx, sk, cfg, netns, TP_R_ORIG_DST_REFUSED, none, 0);
 			ctx->optlen = 0;
 			return 0;	/* EPERM */
 		}
@@ -141,5 +172,7 @@ int getsockopt_orig_dst(struct bpf_sockopt *ctx)
 	ctx->retval = 0;
 	tp_count(a->netns_cookie, a->kind == TP_ANSWER_INBOUND ? TP_R_IN_ORIG_DST_ANSWERED :
 								 TP_R_ORIG_DST_ANSWERED);
+	tp_trace_answer(ctx, sk, NULL, a->netns_cookie, a->kind == TP_ANSWER_INBOUND ?
+		TP_R_IN_ORIG_DST_ANSWERED : TP_R_ORIG_DST_ANSWERED, a->orig.addr, a->orig.port);
 	return 1;
 }

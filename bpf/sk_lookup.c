@@ -16,6 +16,7 @@
  * another registered namespace already has).
  */
 #include "tproxy_inbound.h"
+#include "tproxy_trace.h"
 
 /* Hand the connection to a live listener of the family in the namespace's row, on the
  * inbound port. Returns 0 once one took it. Any member of a SO_REUSEPORT group will do: the
@@ -48,6 +49,17 @@ static __always_inline long tp_assign_listener(struct bpf_sk_lookup *ctx,
 	return err;
 }
 
+/* The client is the peer; where it went, the inbound port (or 0: left to the kernel). */
+static __always_inline void tp_trace_inbound(struct bpf_sk_lookup *ctx,
+					     const struct tp_config *cfg, u32 reason,
+					     const u8 *local, const u8 *remote, u16 target_port)
+{
+	if (tp_tracing(cfg))
+		tp_trace(ctx, cfg, TP_HOOK_SK_LOOKUP, IPPROTO_TCP, reason, local,
+			 (u16)ctx->local_port, remote, bpf_ntohs((u16)ctx->remote_port),
+			 target_port);
+}
+
 int sk_lookup_inbound(struct bpf_sk_lookup *ctx)
 {
 	struct tp_addr_key local = {};
@@ -72,6 +84,7 @@ int sk_lookup_inbound(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 	if (!tp_inbound_decide(cfg, remote, (u16)ctx->local_port, &reason)) {
 		tp_count(cfg->netns_cookie, reason);
+		tp_trace_inbound(ctx, cfg, reason, local.addr, remote, 0);
 		return SK_PASS;
 	}
 	/* An AF_INET6 listener that is not V6ONLY takes IPv4 too (Envoy's [::]:15006). */
@@ -85,8 +98,10 @@ int sk_lookup_inbound(struct bpf_sk_lookup *ctx)
 		 * gets a RST), as iptables' REDIRECT to a closed port would. Never deliver the
 		 * connection around the proxy. */
 		tp_count(cfg->netns_cookie, TP_R_IN_NO_LISTENER);
+		tp_trace_inbound(ctx, cfg, TP_R_IN_NO_LISTENER, local.addr, remote, 0);
 		return SK_DROP;
 	}
 	tp_count(cfg->netns_cookie, TP_R_IN_REDIRECT);
+	tp_trace_inbound(ctx, cfg, TP_R_IN_REDIRECT, local.addr, remote, cfg->inbound_port);
 	return SK_PASS;
 }

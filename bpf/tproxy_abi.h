@@ -50,6 +50,9 @@
 #define TP_F_DNS 0x20            /* redirect.dns.enabled: UDP 53 to resolv.conf's servers */
 #define TP_F_DNS_ALL 0x40        /* redirect.dns.captureAll: all UDP 53 */
 #define TP_F_ACCELERATE 0x80     /* --ebpf-accelerate: application <-> proxy bytes via tp_accel */
+#define TP_F_TRACE 0x100         /* `ebpf-tproxy trace` watches this namespace: each decision
+				  * is also sent to tp_events (a namespace nobody traces pays
+				  * this one test) */
 
 /* Kinds of entries in tp_ports and tp_cidrs. */
 #define TP_PORT_EXCLUDE_OUT 1    /* --exclude-outbound-ports */
@@ -132,6 +135,26 @@
 				   * own address (a loop): refused with EPERM */
 #define TP_R_CONN_REPLACED 36     /* a stale tp_conns entry under the same key was replaced */
 #define TP_R_COUNT 37
+
+/* `ebpf-tproxy trace`: one event per decision of a traced namespace (TP_F_TRACE), in
+ * tp_events -- a ring buffer where the kernel has one (5.8), else a perf event array. */
+#define TP_TRACE_BYTES 1048576   /* ring buffer size (1 MiB): 10,922 events waiting */
+/* Where a decision was made: tp_event.hook. */
+#define TP_HOOK_CONNECT4 1
+#define TP_HOOK_CONNECT6 2
+#define TP_HOOK_SENDMSG4 3
+#define TP_HOOK_SENDMSG6 4
+#define TP_HOOK_RECVMSG4 5
+#define TP_HOOK_RECVMSG6 6
+#define TP_HOOK_SK_LOOKUP 7      /* softirq: no process, so pid, uid and comm are 0 */
+#define TP_HOOK_GETSOCKOPT 8
+/* tp_trace_filter.flags: which of its fields apply (all of them must match). */
+#define TP_TF_PID 0x1
+#define TP_TF_UID 0x2
+#define TP_TF_REASONS 0x4
+#define TP_TF_DST 0x8            /* addr within dst/dst_prefix */
+#define TP_TF_PORT 0x10          /* port == dst_port */
+#define TP_TF_ACTIVE 0x20        /* a trace is reading (set by trace while it runs) */
 
 /* One namespace's configuration: the value of tp_ns, keyed by the namespace's cookie.
  * Replacing the whole value is what switches a namespace to a new configuration at once
@@ -257,6 +280,41 @@ struct tp_answer {
 struct tp_ns_counters {
 	__u64 reason[TP_R_COUNT];
 	__u64 accel[TP_A_COUNT];
+};
+
+/* One decision, as `trace` shows it. What addr/port and peer mean depends on the hook:
+ *   connect, sendmsg: addr:port the destination asked for; peer the bound source (if any)
+ *   recvmsg:          addr:port the server the reply is shown as coming from
+ *   sk_lookup:        addr:port the address dialed; peer:peer_port the client
+ *   getsockopt:       addr:port the answer (zero if none); peer:peer_port the proxy
+ *                     socket's peer (the application's end) */
+struct tp_event {
+	__u64 ts_ns;            /* bpf_ktime_get_ns() */
+	__u64 netns_cookie;
+	__u32 pid;              /* thread group id (the process), 0 in sk_lookup */
+	__u32 uid;
+	char comm[16];
+	__u8 addr[16];          /* mapped for IPv4 */
+	__u8 peer[16];
+	__u16 port;
+	__u16 peer_port;
+	__u16 target_port;      /* where it was sent: 0 = left as it was */
+	__u8 reason;            /* TP_R_* */
+	__u8 hook;              /* TP_HOOK_* */
+	__u8 proto;             /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 pad[7];
+};
+
+/* What `trace` asked the kernel to leave out (tp_trace_filter[0]): one tracer at a time. */
+struct tp_trace_filter {
+	__u64 reasons;          /* bit r: reason r is shown (TP_TF_REASONS) */
+	__u32 flags;            /* TP_TF_* */
+	__u32 pid;
+	__u32 uid;
+	__u16 port;
+	__u8 dst_prefix;        /* bits of dst (mapped for IPv4, so 96 + n) */
+	__u8 pad;
+	__u8 dst[16];
 };
 
 /* A description as JSON written by the loader (status reads it back): the node program

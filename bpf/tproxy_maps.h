@@ -103,6 +103,40 @@ BPF_TABLE_PINNED("hash", struct tp_name, struct tp_meta, tp_ns_meta, TP_MAX_NS,
  * cgroup covers which, status). */
 BPF_TABLE_PINNED("hash", u64, struct tp_path, tp_attach, TP_MAX_ATTACH, TP_PIN(tp_attach),
 		 BPF_F_NO_PREALLOC);
+/* `ebpf-tproxy trace` (tproxy_trace.h): the events, what to leave out, and how many were
+ * lost because the reader fell behind. The event maps are declared as BCC's
+ * BPF_RINGBUF_OUTPUT and BPF_PERF_OUTPUT declare theirs, which cannot be pinned. The
+ * loader probes the ring buffer (5.8) and builds with TP_HAVE_RINGBUF where it loads; a
+ * perf event array (one buffer per CPU, filled in by the reader) serves 5.7. */
+#ifndef TP_NO_TRACE
+#ifdef TP_HAVE_RINGBUF
+struct tp_events_table_t {
+	int key;
+	u32 leaf;
+	int (*ringbuf_output)(void *, u64, u64);
+	void *(*ringbuf_reserve)(u64);
+	void (*ringbuf_discard)(void *, u64);
+	void (*ringbuf_submit)(void *, u64);
+	u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" TP_PIN(tp_events))))
+struct tp_events_table_t tp_events = { .max_entries = TP_TRACE_BYTES };
+#else
+struct tp_events_table_t {
+	int key;
+	u32 leaf;
+	int (*perf_submit)(void *, void *, u32);
+	int (*perf_submit_skb)(void *, u32, void *, u32);
+	u32 max_entries;
+};
+__attribute__((section("maps/perf_output:" TP_PIN(tp_events))))
+struct tp_events_table_t tp_events = { .max_entries = 0 };
+#endif
+BPF_TABLE_PINNED("array", u32, struct tp_trace_filter, tp_trace_filter, 1,
+		 TP_PIN(tp_trace_filter));
+BPF_TABLE_PINNED("percpu_array", u32, u64, tp_trace_lost, 1, TP_PIN(tp_trace_lost));
+#endif
+
 /* Where learn_netns_cookie (learn_cookie.c) leaves what it learned. */
 BPF_TABLE_PINNED("array", u32, u64, tp_learned_cookie, 1, TP_PIN(tp_learned_cookie));
 

@@ -8,16 +8,21 @@
 #define TPROXY_REDIRECT_H
 
 #include "tproxy_outbound.h"
+#include "tproxy_trace.h"
 
 /* Keep the original destination with the socket. Returns 0 if there is no room: the
  * connection then goes direct rather than to a proxy that could not learn where to. */
-static __always_inline int tp_remember_orig(struct bpf_sock *sk, const struct tp_config *cfg,
-					    const u8 *dst, u16 port, u16 family)
+static __always_inline int tp_remember_orig(struct bpf_sock_addr *ctx, struct bpf_sock *sk,
+					    u8 hook, const struct tp_config *cfg, const u8 *dst,
+					    u16 port, u16 family)
 {
 	struct tp_sk_orig *o = tp_sk_orig.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 
 	if (!o) {
 		tp_count(cfg->netns_cookie, TP_R_NO_STORAGE);
+		if (tp_tracing(cfg))
+			tp_trace(ctx, cfg, hook, ctx->protocol, TP_R_NO_STORAGE, dst, port, NULL,
+				 0, 0);
 		return 0;
 	}
 	__builtin_memcpy(o->orig.addr, dst, 16);
@@ -35,8 +40,9 @@ static __always_inline void tp_forget_orig(struct bpf_sock *sk)
 		tp_sk_orig.sk_storage_delete(sk);
 }
 
-/* Decide one connect() or UDP send; returns the verdict and fills *target_port. */
-static __always_inline enum tp_verdict tp_verdict(struct bpf_sock_addr *ctx,
+/* Decide one connect() or UDP send (hook: TP_HOOK_CONNECT4 ...); returns the verdict and
+ * fills *target_port. */
+static __always_inline enum tp_verdict tp_verdict(struct bpf_sock_addr *ctx, u8 hook,
 						  struct tp_conn_attempt *a,
 						  struct tp_config **cfgp, u16 *target_port)
 {
@@ -52,6 +58,9 @@ static __always_inline enum tp_verdict tp_verdict(struct bpf_sock_addr *ctx,
 	 * address is IPv4 traffic and was already turned into one by the caller. */
 	if (!tp_addr_is_mapped(a->dst) && !(cfg->flags & TP_F_IPV6)) {
 		tp_count(cfg->netns_cookie, TP_R_FAMILY_OFF);
+		if (tp_tracing(cfg))
+			tp_trace(ctx, cfg, hook, ctx->protocol, TP_R_FAMILY_OFF, a->dst,
+				 a->dst_port, a->src, 0, 0);
 		return TP_DIRECT;
 	}
 	a->uid = (u32)bpf_get_current_uid_gid();
@@ -65,6 +74,9 @@ static __always_inline enum tp_verdict tp_verdict(struct bpf_sock_addr *ctx,
 	tp_count(cfg->netns_cookie, reason);
 	*target_port = v == TP_TO_INBOUND ? cfg->inbound_port :
 		       v == TP_TO_DNS ? cfg->dns_port : cfg->outbound_port;
+	if (tp_tracing(cfg))
+		tp_trace(ctx, cfg, hook, ctx->protocol, reason, a->dst, a->dst_port, a->src, 0,
+			 v == TP_DIRECT ? 0 : *target_port);
 	*cfgp = cfg;
 	return v;
 }

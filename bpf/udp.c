@@ -26,9 +26,9 @@ int sendmsg4(struct bpf_sock_addr *ctx)
 	if (a.dst_port != 53 || !sk)
 		return 1;
 	tp_addr_from_ip4(a.dst, ctx->user_ip4);
-	if (tp_verdict(ctx, &a, &cfg, &target_port) != TP_TO_DNS || !cfg)
+	if (tp_verdict(ctx, TP_HOOK_SENDMSG4, &a, &cfg, &target_port) != TP_TO_DNS || !cfg)
 		return 1;
-	if (!tp_remember_orig(sk, cfg, a.dst, a.dst_port, TP_AF_INET))
+	if (!tp_remember_orig(ctx, sk, TP_HOOK_SENDMSG4, cfg, a.dst, a.dst_port, TP_AF_INET))
 		return 1;
 	tp_loopback_target(a.dst, 1);
 	tp_ctx_set4(ctx, a.dst, target_port);
@@ -46,7 +46,7 @@ int sendmsg6(struct bpf_sock_addr *ctx)
 	if (a.dst_port != 53 || !sk)
 		return 1;
 	tp_addr_from_ctx_ip6(a.dst, ctx->user_ip6);
-	if (tp_verdict(ctx, &a, &cfg, &target_port) != TP_TO_DNS || !cfg)
+	if (tp_verdict(ctx, TP_HOOK_SENDMSG6, &a, &cfg, &target_port) != TP_TO_DNS || !cfg)
 		return 1;
 	/* A v4-mapped destination never gets here on the kernels seen so far: udpv6_sendmsg
 	 * hands it to the IPv4 path (and sendmsg4) first. Should one arrive, it must not be
@@ -55,9 +55,12 @@ int sendmsg6(struct bpf_sock_addr *ctx)
 	 * the scope id, and ::1 is not reachable through it. */
 	if (tp_addr_is_mapped(a.dst) || (a.dst[0] == 0xfe && (a.dst[1] & 0xc0) == 0x80)) {
 		tp_count(cfg->netns_cookie, TP_R_DNS_NOT_REDIRECTABLE);
+		if (tp_tracing(cfg))
+			tp_trace(ctx, cfg, TP_HOOK_SENDMSG6, IPPROTO_UDP,
+				 TP_R_DNS_NOT_REDIRECTABLE, a.dst, a.dst_port, NULL, 0, 0);
 		return 1;
 	}
-	if (!tp_remember_orig(sk, cfg, a.dst, a.dst_port, TP_AF_INET6))
+	if (!tp_remember_orig(ctx, sk, TP_HOOK_SENDMSG6, cfg, a.dst, a.dst_port, TP_AF_INET6))
 		return 1;
 	tp_loopback_target(a.dst, 0);
 	tp_ctx_set6(ctx, a.dst, target_port);
@@ -68,7 +71,8 @@ int sendmsg6(struct bpf_sock_addr *ctx)
  * datagram received by every socket of the cgroup passes here: a socket without a
  * recorded query leaves after one storage lookup. */
 static __always_inline struct tp_sk_orig *tp_dns_reply_orig(struct bpf_sock_addr *ctx,
-							    const u8 *src, u16 port)
+							    const u8 *src, u16 port,
+							    struct tp_config **cfgp)
 {
 	struct tp_config *cfg;
 	struct tp_sk_orig *o;
@@ -82,34 +86,43 @@ static __always_inline struct tp_sk_orig *tp_dns_reply_orig(struct bpf_sock_addr
 	cfg = tp_ns_config(o->netns_cookie);
 	if (!cfg || port != cfg->dns_port)
 		return NULL;
+	*cfgp = cfg;
 	return o;
 }
 
 int recvmsg4(struct bpf_sock_addr *ctx)
 {
+	struct tp_config *cfg = NULL;
 	struct tp_sk_orig *o;
 	u8 src[16];
 
 	tp_addr_from_ip4(src, ctx->user_ip4);
-	o = tp_dns_reply_orig(ctx, src, bpf_ntohs((u16)ctx->user_port));
-	if (!o || o->orig.family != TP_AF_INET)
+	o = tp_dns_reply_orig(ctx, src, bpf_ntohs((u16)ctx->user_port), &cfg);
+	if (!o || !cfg || o->orig.family != TP_AF_INET)
 		return 1;
 	tp_ctx_set4(ctx, o->orig.addr, o->orig.port);
 	tp_count(o->netns_cookie, TP_R_DNS_REPLY_RESTORED);
+	if (tp_tracing(cfg))
+		tp_trace(ctx, cfg, TP_HOOK_RECVMSG4, IPPROTO_UDP, TP_R_DNS_REPLY_RESTORED,
+			 o->orig.addr, o->orig.port, NULL, 0, 0);
 	return 1;
 }
 
 int recvmsg6(struct bpf_sock_addr *ctx)
 {
+	struct tp_config *cfg = NULL;
 	struct tp_sk_orig *o;
 	u8 src[16];
 
 	tp_addr_from_ctx_ip6(src, ctx->user_ip6);
-	o = tp_dns_reply_orig(ctx, src, bpf_ntohs((u16)ctx->user_port));
-	if (!o)
+	o = tp_dns_reply_orig(ctx, src, bpf_ntohs((u16)ctx->user_port), &cfg);
+	if (!o || !cfg)
 		return 1;
 	/* A connected AF_INET6 socket that dialed ::ffff:a.b.c.d gets the mapped address. */
 	tp_ctx_set6(ctx, o->orig.addr, o->orig.port);
 	tp_count(o->netns_cookie, TP_R_DNS_REPLY_RESTORED);
+	if (tp_tracing(cfg))
+		tp_trace(ctx, cfg, TP_HOOK_RECVMSG6, IPPROTO_UDP, TP_R_DNS_REPLY_RESTORED,
+			 o->orig.addr, o->orig.port, NULL, 0, 0);
 	return 1;
 }

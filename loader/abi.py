@@ -25,6 +25,27 @@ TP_F_IN_INCLUDE = 0x10
 TP_F_DNS = 0x20
 TP_F_DNS_ALL = 0x40
 TP_F_ACCELERATE = 0x80
+TP_F_TRACE = 0x100
+
+TP_TRACE_BYTES = 1048576
+TP_HOOK_CONNECT4 = 1
+TP_HOOK_CONNECT6 = 2
+TP_HOOK_SENDMSG4 = 3
+TP_HOOK_SENDMSG6 = 4
+TP_HOOK_RECVMSG4 = 5
+TP_HOOK_RECVMSG6 = 6
+TP_HOOK_SK_LOOKUP = 7
+TP_HOOK_GETSOCKOPT = 8
+HOOKS = {TP_HOOK_CONNECT4: "connect4", TP_HOOK_CONNECT6: "connect6",
+         TP_HOOK_SENDMSG4: "sendmsg4", TP_HOOK_SENDMSG6: "sendmsg6",
+         TP_HOOK_RECVMSG4: "recvmsg4", TP_HOOK_RECVMSG6: "recvmsg6",
+         TP_HOOK_SK_LOOKUP: "sk_lookup", TP_HOOK_GETSOCKOPT: "getsockopt"}
+TP_TF_PID = 0x1
+TP_TF_UID = 0x2
+TP_TF_REASONS = 0x4
+TP_TF_DST = 0x8
+TP_TF_PORT = 0x10
+TP_TF_ACTIVE = 0x20
 
 TP_ACCEL_MAX = 65536
 TP_ACCEL_ON = 1
@@ -207,6 +228,38 @@ class TpNsCounters(ct.Structure):
     _fields_ = [("reason", ct.c_uint64 * TP_R_COUNT), ("accel", ct.c_uint64 * TP_A_COUNT)]
 
 
+class TpEvent(ct.Structure):
+    _fields_ = [
+        ("ts_ns", ct.c_uint64),
+        ("netns_cookie", ct.c_uint64),
+        ("pid", ct.c_uint32),
+        ("uid", ct.c_uint32),
+        ("comm", ct.c_char * 16),
+        ("addr", ct.c_uint8 * 16),
+        ("peer", ct.c_uint8 * 16),
+        ("port", ct.c_uint16),
+        ("peer_port", ct.c_uint16),
+        ("target_port", ct.c_uint16),
+        ("reason", ct.c_uint8),
+        ("hook", ct.c_uint8),
+        ("proto", ct.c_uint8),
+        ("pad", ct.c_uint8 * 7),
+    ]
+
+
+class TpTraceFilter(ct.Structure):
+    _fields_ = [
+        ("reasons", ct.c_uint64),
+        ("flags", ct.c_uint32),
+        ("pid", ct.c_uint32),
+        ("uid", ct.c_uint32),
+        ("port", ct.c_uint16),
+        ("dst_prefix", ct.c_uint8),
+        ("pad", ct.c_uint8),
+        ("dst", ct.c_uint8 * 16),
+    ]
+
+
 class TpMeta(ct.Structure):
     _fields_ = [("len", ct.c_uint32), ("json", ct.c_char * TP_META_SIZE)]
 
@@ -235,6 +288,8 @@ STRUCTS = {
     "tp_answer": TpAnswer,
     "tp_sock_key": TpSockKey,
     "tp_ns_counters": TpNsCounters,
+    "tp_event": TpEvent,
+    "tp_trace_filter": TpTraceFilter,
     "tp_meta": TpMeta,
     "tp_name": TpName,
     "tp_path": TpPath,

@@ -76,6 +76,20 @@ def libbpf():
     return _lib
 
 
+MAP_TYPE_PERF_EVENT_ARRAY = 4
+MAP_TYPE_RINGBUF = 27
+
+
+def has_map_type(map_type):
+    """Whether the kernel can make maps of this type (libbpf creates a small one)."""
+    lib = libbpf()
+    lib.libbpf_probe_bpf_map_type.argtypes = [ct.c_int, ct.c_void_p]
+    ret = lib.libbpf_probe_bpf_map_type(map_type, None)
+    if ret < 0:
+        raise BpfError(-ret, f"libbpf_probe_bpf_map_type({map_type}): {os.strerror(-ret)}")
+    return ret == 1
+
+
 def _check(ret, what):
     # libbpf 1.x returns -errno directly (and sets errno).
     if ret < 0:

@@ -10,6 +10,7 @@ import sys
 import click
 
 from . import config, kernel, lifecycle, namespace, netns, node, seams, store
+from . import trace as tracing
 from .config import ConfigError
 
 EXIT_BAD_INPUT = 2
@@ -536,6 +537,8 @@ def status(name, ebpf_bpffs_path, output):
             counters = {k: v for k, v in (e.get("counters") or {}).items() if v}
             click.echo("  counters      " + (", ".join(f"{k}={v}" for k, v in counters.items())
                                              or "all zero"))
+            if e.get("tracing"):
+                click.echo("  tracing       on: 'ebpf-tproxy trace' is showing its decisions")
             for note in e.get("notes", []):
                 click.echo(f"  note: {note}")
             for prob in e["problems"]:
@@ -583,6 +586,97 @@ def uninstall(name, all_, ebpf_bpffs_path, state_dir):
     which = ", ".join(repr(n) for n in names) or "everything"
     click.echo(f"uninstalled {which}: removed {len(removed)} objects" if removed
                else f"nothing to uninstall for {which}")
+
+
+def _trace_uid(value, what):
+    """--uid: a uid (a pod's user need not exist here) or a user name of this host."""
+    import pwd
+    v = value.strip()
+    if v.isdigit() and int(v) < 2**32 - 1:
+        uid = int(v)
+    else:
+        try:
+            uid = pwd.getpwnam(v).pw_uid
+        except KeyError:
+            raise ConfigError(f"{what}: no user {v!r} on this host; give a uid or a user "
+                              "name") from None
+    try:
+        return kernel.kernel_uid(uid)
+    except kernel.HostError as e:
+        raise ConfigError(f"{what}: {e}") from None
+
+
+def _trace_pid(value, what):
+    v = value.strip()
+    if not v.isdigit() or not 0 < int(v) < 2**22 + 1:
+        raise ConfigError(f"{what}: {value!r} is not a process id; give e.g. --pid 1234")
+    return int(v)
+
+
+@main.command()
+@click.option("--name", callback=_checked(config.check_name),
+              help="Only this registered namespace (default: every one, including those "
+              "registered while tracing).")
+@click.option("--pid", callback=_checked(_trace_pid), help="Only decisions made for this "
+              "process (sk_lookup's have none; nor getsockopt's on 5.10).")
+@click.option("--uid", callback=_checked(_trace_uid), help="Only this user's (uid or name).")
+@click.option("--reason", callback=_checked(tracing.parse_reasons),
+              help="Only these reasons, a comma list of the counter names 'status' shows.")
+@click.option("--dst", callback=_checked(tracing.parse_dst), metavar="CIDR[:PORT]",
+              help="Only this address asked for (inbound: dialed; SO_ORIGINAL_DST: the "
+              "answer), e.g. 10.0.0.0/8:80, [fd00::/64]:443 or :53.")
+@click.option("--count", type=click.IntRange(min=1), help="End after this many events.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="End after this long.")
+@output_option
+@bpffs_option
+def trace(name, pid, uid, reason, dst, count, duration, output, ebpf_bpffs_path):
+    """Show every capture decision as it happens: one line each, with the process, the
+    address asked for, the decision (the counters' reason names) and where it was sent;
+    inbound connections from sk_lookup with the client's address, and the proxy's
+    SO_ORIGINAL_DST answers. Filters apply in the kernel. Tracing is switched on only
+    for the namespaces traced, and off again when trace ends (Ctrl-C, --count,
+    --duration, or killed: then by the next command or the agent).
+
+    \b
+    Example:
+      ebpf-tproxy trace --name default --count 3
+      TIME(s)    PID     COMM            UID    NAMESPACE    HOOK       PROTO ADDRESS                    PEER                       DECISION                     TO
+      0.107      22644   python          0      default      connect4   tcp   198.18.0.2:8000            -                          redirected_outbound          127.0.0.1:15001
+      0.107      22640   python          65534  default      getsockopt tcp   198.18.0.2:8000            198.18.0.1:40322           orig_dst_answered            proxy :15001
+      0.552      -       -               -      default      sk_lookup  tcp   198.18.0.1:15006           198.18.0.2:44312           redirected_inbound           listener :15006
+      ebpf-tproxy trace --reason redirected_inbound,inbound_refused_no_listener
+      ebpf-tproxy trace --dst :53 --output json
+    Lost events (the reader fell behind) are counted in the kernel and shown.
+    """
+    need_privileges()
+    net, port = dst if dst else (None, None)
+    flt = tracing.Filter(pid=pid, uid=uid, reasons=reason or (), dst=net, port=port)
+
+    def on_event(d):
+        click.echo(json.dumps(d) if output == "json" else tracing.text_line(d))
+
+    def on_lost(n):
+        click.echo(json.dumps({"lost": n}) if output == "json" else
+                   f"LOST {n} events so far: the reader fell behind (tp_trace_lost)")
+
+    if output != "json":
+        click.echo(tracing.HEADER)
+    try:
+        shown, lost, kind = tracing.run(ebpf_bpffs_path, name, flt, count, duration,
+                                        on_event, on_lost, progress)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The output's reader left (trace | head): Python's own flush at exit would say
+        # so once more, on stderr.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
+    except ConfigError as e:
+        fail(str(e))
+    except (node.InstallError, OSError) as e:
+        fail(str(e), EXIT_FAILED)
+    progress(f"{shown} event{'s' * (shown != 1)} shown, {lost} lost"
+             + (f" ({kind})" if kind else ""))
 
 
 @main.command()

@@ -121,8 +121,8 @@ IPTABLES_ONLY = {
                         "failed install rolls back, so nothing is retried",
     "retry.sleepBetweenRetries": "not applicable to eBPF: nothing is retried",
     "iptablesExecutables": "not applicable to eBPF: no iptables executable is run",
-    "log.enabled": "no per-packet log; the equivalent is the per-decision counters of "
-                   "'ebpf-tproxy status'",
+    "log.enabled": "no netfilter log; 'ebpf-tproxy trace' shows each decision as it "
+                   "happens, and 'ebpf-tproxy status' counts them",
     "log.level": "not applicable to eBPF (no netfilter log)",
     "comments.disabled": "not applicable to eBPF: no rules, so no rule comments",
     "wait": "not applicable to eBPF: there is no xtables lock (installs take a lock on "

@@ -20,7 +20,8 @@ import fcntl
 import os
 import time
 
-from . import config, kernel, listeners, namespace, netinfo, netns, node, pinfs, probe, seams
+from . import (config, kernel, listeners, namespace, netinfo, netns, node, pinfs, probe, seams,
+               trace)
 from .config import NAME_RE, Settings, check_name
 from .node import InstallError, NodePaths
 
@@ -396,6 +397,9 @@ def remove_stale(paths, progress=None):
             _log(progress, f"removed {name!r}: its network namespace is gone")
         if gone:
             detach_unused_cgroups(paths, maps)
+        # A trace that died left its flag on: its lease is free, so the flag goes.
+        if trace.clear_stale(maps):
+            _log(progress, "switched tracing off: the trace that switched it on is gone")
     return gone
 
 

@@ -13,7 +13,7 @@ import ctypes as ct
 import ipaddress
 import json
 
-from . import __version__, abi, bpfsys, kernel, netinfo, netns, programs
+from . import __version__, abi, bpfsys, kernel, netinfo, netns, programs, trace
 from .config import ConfigError, Settings, read_nameservers
 from .node import InstallError
 
@@ -417,8 +417,12 @@ def register(maps, settings: Settings, p, progress=None):
         maps.ns_addrs.update(abi.TpAddrKey(abi.addr16(ip)), ct.c_uint64(cookie))
     p["generation"] = new
     p["registered_addresses"] = list(addrs)
-    return _Switch(maps, cookie, old, new, _config_struct(settings, p, new, ns_index),
-                   set(addrs), old_addrs)
+    cfg = _config_struct(settings, p, new, ns_index)
+    # A trace watching the namespace keeps watching it through the new configuration.
+    if current is not None and current.flags & abi.TP_F_TRACE and \
+            trace.lease_alive(maps.paths.bpffs):
+        cfg.flags |= abi.TP_F_TRACE
+    return _Switch(maps, cookie, old, new, cfg, set(addrs), old_addrs)
 
 
 class _Switch:

@@ -57,6 +57,13 @@ int probe_getsockopt(struct bpf_sockopt *ctx)
 	ctx->optlen = 0;
 	return 1;
 }
+int probe_getsockopt_current(struct bpf_sockopt *ctx)
+{
+	char comm[16];
+	bpf_get_current_comm(comm, sizeof(comm));
+	ctx->optlen = 0;
+	return (bpf_get_current_pid_tgid() && comm[0]) ? 1 : 1;
+}
 """ + _CONNECT.format(n=4) + _CONNECT.format(n=6)
 
 # (feature, probe function, prog type, attach type, what it enables)
@@ -85,14 +92,27 @@ PROBES = (
      bpfsys.PROG_SK_LOOKUP, bpfsys.SK_LOOKUP, ("sk_lookup_inbound",)),
     ("sock_ops netns cookie", "probe_sock_ops_netns",
      bpfsys.PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS, ()),
+    ("getsockopt pid and comm (trace)", "probe_getsockopt_current",
+     bpfsys.PROG_CGROUP_SOCKOPT, bpfsys.CGROUP_GETSOCKOPT, ()),
     # attached to a map, so loaded without an expected attach type (-1)
     ("sockhash/sk_msg + sk_storage", "probe_sk_msg", bpfsys.PROG_SK_MSG, -1,
      ("sk_msg_accel",)),
 )
 
+# A BPF ring buffer (5.8; its helpers came with it, for every program type): what `trace`
+# reads where it exists. Asked of the kernel by libbpf without compiling anything (each
+# compile costs minutes in the emulated kernels of make kernels).
+RINGBUF = "ring buffer (trace)"
+
 # Probed features that change how the programs are built: probe name -> -D macro.
-FEATURE_MACROS = {"sock_ops netns cookie": "TP_SOCKOPS_NETNS_COOKIE"}
+FEATURE_MACROS = {"sock_ops netns cookie": "TP_SOCKOPS_NETNS_COOKIE",
+                  RINGBUF: "TP_HAVE_RINGBUF",
+                  "getsockopt pid and comm (trace)": "TP_SOCKOPT_CURRENT"}
 FEATURE_FALLBACK = {
+    "getsockopt pid and comm (trace)": "without them (5.10 has neither), `trace` shows "
+    "SO_ORIGINAL_DST answers with the proxy's uid but no pid or command name",
+    RINGBUF: "without it (before 5.8), `trace` reads a perf event array instead: one buffer "
+    "per CPU, read by one trace at a time",
     "sock_ops netns cookie": "without it (before 5.15), sock_ops tells the namespace of a "
     "proxy's socket from the mark bind4/6 left on its listener (a proxy listening since "
     "before install is marked by install), and sockmap acceleration is off "
@@ -190,6 +210,16 @@ def learn_netns_cookie(program=None):
             bpf.cleanup()
 
 
+def probe_ringbuf():
+    """(ok, detail): whether the kernel has the ring buffer map type."""
+    try:
+        ok = bpfsys.has_map_type(bpfsys.MAP_TYPE_RINGBUF)
+    except OSError as e:
+        return False, str(e)
+    return ok, ("BPF_MAP_TYPE_RINGBUF: trace reads a ring buffer" if ok
+                else "no BPF_MAP_TYPE_RINGBUF (before 5.8)")
+
+
 def build_features(results):
     return tuple(FEATURE_MACROS[f] for f, ok, _, _ in results if ok and f in FEATURE_MACROS)
 
@@ -212,6 +242,7 @@ def probe_hooks(learn_cookie=True):
                 results.append((feature, False, str(e).splitlines()[0], progs))
     finally:
         bpf.cleanup()
+    results.append((RINGBUF, *probe_ringbuf(), ()))
     # Not hooks: how the loader learns its namespace's cookie (getsockopt, 5.14; else a
     # program), which every hook compares with the socket's.
     cookie = bpfsys.netns_cookie()

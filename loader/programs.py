@@ -165,10 +165,18 @@ def load(bpf, prog):
 def cflags_for(features=()):
     """The build flags besides the pin directory: probed features and test seams."""
     flags = [f"-D{f}" for f in features]
+    # Test seam: the perf event array `trace` uses before 5.8, on a kernel with a ring
+    # buffer, so that both paths are tested on every kernel.
+    if os.environ.get("EBPF_TPROXY_TEST_PERF_EVENTS") == "1":
+        flags = [f for f in flags if f != "-DTP_HAVE_RINGBUF"]
     # Test seams: a small connection table, to show what a full one does; a build tag,
     # which makes a program set of new code out of the same sources (an upgrade).
     if os.environ.get("EBPF_TPROXY_TEST_CONN_MAX"):
         flags.append(f"-DTP_CONN_MAX={int(os.environ['EBPF_TPROXY_TEST_CONN_MAX'])}")
+    # Bench seam: a node set without any trace code, what bench/trace_cost.py compares
+    # tracing off with.
+    if os.environ.get("EBPF_TPROXY_TEST_NO_TRACE") == "1":
+        flags.append("-DTP_NO_TRACE")
     if os.environ.get("EBPF_TPROXY_TEST_BUILD_TAG"):
         flags.append(f"-DTP_TEST_BUILD_TAG={int(os.environ['EBPF_TPROXY_TEST_BUILD_TAG'])}")
     return flags

@@ -109,6 +109,8 @@ def _entry(paths, maps, n, meta, links, accel, summary, attach):
     entry = {"name": n, "meta": meta, "problems": [], "node": summary}
     cfg = maps.config(cookie)
     entry["active_generation"] = cfg.gen if cfg is not None else None
+    # On only while `ebpf-tproxy trace` runs: a dead trace's flag was cleared above.
+    entry["tracing"] = bool(cfg is not None and cfg.flags & abi.TP_F_TRACE)
     entry["counters"] = maps.counters_total(cookie)
     entry["tracked_connections"] = sum(1 for k in maps.conns.keys()
                                        if k.netns_cookie == cookie)

@@ -288,7 +288,8 @@ class Lab:
                 not any(a.startswith("--ebpf-cgroup-path") for a in args):
             argv += ["--ebpf-cgroup-path", self.cgroup]
         kw.setdefault("env", self.env())
-        kw.setdefault("timeout", 120)
+        # An install builds the node set: over 90 s in an emulated guest (make kernels).
+        kw.setdefault("timeout", 300)
         return subprocess.run(argv, capture_output=True, text=True, **kw)
 
     # ------------------------------------------------------------------ teardown

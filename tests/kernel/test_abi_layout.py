@@ -24,6 +24,7 @@ VIA_MAPS = {
     "tp_meta": ("tp_node", "Leaf"),
     "tp_name": ("tp_ns_meta", "Key"),
     "tp_path": ("tp_attach", "Leaf"),
+    "tp_trace_filter": ("tp_trace_filter", "Leaf"),
 }
 # Maps BCC has no table class for (a sockhash, sk_storage): decoded from the module's
 # description directly.
@@ -78,6 +79,22 @@ def test_struct_layout_matches_bcc(compiled, cname):
     assert size == bsize
     assert [(o, s) for _, o, s in fields] == [(o, s) for _, o, s in bfields]
     assert [n for n, _, _ in fields] == [n for n, _, _ in bfields]
+
+
+def test_event_layout_matches_bcc():
+    # tp_event is the value of no map (the ring buffer's records are bytes): compiled as
+    # an array's value here, from the same header.
+    text = ("#include <uapi/linux/bpf.h>\n" + programs.source(files=("tproxy_abi.h",))
+            + "BPF_ARRAY(tp_event_twin, struct tp_event, 1);\n")
+    bpf = programs.bcc_compile(text.encode(), programs.QUIET_CFLAGS)
+    try:
+        assert layout(abi.TpEvent) == layout(bpf[b"tp_event_twin"].Leaf)
+    finally:
+        bpf.cleanup()
+
+
+def test_every_twin_is_checked():
+    assert set(abi.STRUCTS) - set(VIA_MAPS) == {"tp_event", "tp_port_range", "tp_orig_dst"}
 
 
 def test_orig_dst_layout_matches_bcc(compiled):

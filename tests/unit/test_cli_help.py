@@ -7,7 +7,7 @@ from loader.cli import main
 
 @pytest.mark.parametrize("cmd", [[], ["check"], ["install"], ["status"], ["uninstall"],
                                  ["agent"], ["cni", "install"], ["cni", "uninstall"],
-                                 ["validate"], ["demo"]])
+                                 ["validate"], ["demo"], ["trace"]])
 def test_help_has_an_example(cmd):
     r = CliRunner().invoke(main, cmd + ["--help"])
     assert r.exit_code == 0
