@@ -20,12 +20,12 @@ import fcntl
 import os
 import time
 
-from . import (config, kernel, listeners, namespace, netinfo, netns, node, pinfs, probe, seams,
-               trace)
+from . import (claim, config, kernel, listeners, namespace, netinfo, netns, node, pinfs,
+               probe, seams, trace)
 from .config import NAME_RE, Settings, check_name
 from .node import InstallError, NodePaths
 
-MOUNT_MARKER_DIR = "/run/ebpf-tproxy"
+MOUNT_MARKER_DIR = claim.CLAIM_DIR   # the mount marker lives beside the claims
 
 __all__ = ["InstallError", "install", "uninstall", "list_names", "bpffs_lock"]
 
@@ -173,61 +173,22 @@ def release_node(bpffs):
 # --------------------------------------------------------------- the agent's presence
 
 def agent_lock_path(bpffs):
-    return os.path.join(MOUNT_MARKER_DIR, "agent-" + bpffs.strip("/").replace("/", "_")
-                        + ".lock")
+    return claim.path("agent", bpffs)
 
 
 def hold_agent_lock(bpffs, patience=1.0):
-    """The running agent's claim on a bpffs: an exclusive flock the kernel drops when the
-    agent dies, however it dies. Returns the fd to keep open, or None if another agent
-    holds it (tried for `patience` seconds: agent_running's probe holds it a moment)."""
-    path = agent_lock_path(bpffs)
-    deadline = time.monotonic() + patience
-    while True:
-        os.makedirs(MOUNT_MARKER_DIR, mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(0.05)   # polling: flock has no wait with a timeout
-            continue
-        # An agent stopping unlinks the file it held: a lock taken on that inode claims
-        # nothing. Only the file at the path counts.
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            return fd
-        os.close(fd)
+    """The running agent's claim on a bpffs (loader/claim.py). Returns the fd to keep open,
+    or None if another agent holds it."""
+    return claim.hold(agent_lock_path(bpffs), patience)
 
 
 def drop_agent_lock(bpffs, fd):
-    """The agent's clean exit: its lock file goes (unlinked while still held, so no other
-    agent is holding the name meanwhile), then the claim."""
-    with contextlib.suppress(OSError):
-        os.unlink(agent_lock_path(bpffs))
-    os.close(fd)
-    with contextlib.suppress(OSError):
-        os.rmdir(MOUNT_MARKER_DIR)
+    claim.drop(agent_lock_path(bpffs), fd)
 
 
 def agent_running(bpffs):
     """Whether an agent serves this bpffs now (holds its lock)."""
-    try:
-        fd = os.open(agent_lock_path(bpffs), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    return claim.held(agent_lock_path(bpffs))
 
 
 def _acceleration(settings, loaded, p, progress):

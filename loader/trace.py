@@ -6,8 +6,8 @@ traced, tells the kernel what to leave out (tp_trace_filter), reads tp_events (a
 buffer, or before 5.8 a perf event array with one buffer per CPU) and switches the flag
 off again when it ends.
 
-The flag carries a lease: the tracer holds an flock on a file under /run/ebpf-tproxy,
-which the kernel drops however the tracer dies. A flag found on with nobody holding the
+The flag carries a lease: the tracer's claim on the bpffs (loader/claim.py), an flock
+the kernel drops however the tracer dies. A flag found on with nobody holding the
 lease is stale: install, status, the agent and the next trace clear it (clear_stale).
 One tracer at a time per bpffs: the filter and, on 5.7, the perf buffers are the node's.
 
@@ -20,80 +20,38 @@ import contextlib
 import ctypes as ct
 import dataclasses
 import errno
-import fcntl
 import ipaddress
 import os
 import time
 
-from . import abi, bpfsys
+from . import abi, bpfsys, claim
 from .config import ConfigError
 
-LEASE_DIR = "/run/ebpf-tproxy"
 PERF_PAGES = 64            # per CPU, on kernels without a ring buffer (256 KiB each)
 POLL_MS = 100              # how often a quiet trace checks --duration and new namespaces
 
 
 def lease_path(bpffs):
-    return os.path.join(LEASE_DIR, "trace-" + bpffs.strip("/").replace("/", "_") + ".lock")
+    return claim.path("trace", bpffs)
 
 
-def hold_lease(bpffs, patience=1.0):
-    """The tracer's claim: an exclusive flock the kernel drops when the tracer dies. Returns
-    the fd to keep open; raises ConfigError naming the holder if another trace runs.
-    Tried for `patience` seconds: lease_alive's probe holds the lock a moment."""
-    path = lease_path(bpffs)
-    deadline = time.monotonic() + patience
-    while True:
-        os.makedirs(LEASE_DIR, mode=0o700, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        except FileNotFoundError:   # the directory went meanwhile (drop_lease's rmdir)
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            if time.monotonic() < deadline:
-                time.sleep(0.05)   # polling: flock has no wait with a timeout
-                continue
-            raise ConfigError(f"another 'ebpf-tproxy trace' (pid {holder}) is tracing "
-                              f"{bpffs}; one at a time: end it first (Ctrl-C)") from None
-        # A trace ending unlinks the file it held: a lock taken on that inode claims
-        # nothing. Only the file at the path counts.
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if not same:
-            os.close(fd)
-            continue
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return fd
+def hold_lease(bpffs):
+    """The tracer's claim (loader/claim.py). Returns the fd to keep open; raises
+    ConfigError naming the holder if another trace runs."""
+    fd = claim.hold(lease_path(bpffs))
+    if fd is None:
+        raise ConfigError(f"another 'ebpf-tproxy trace' (pid {claim.holder(lease_path(bpffs))})"
+                          f" is tracing {bpffs}; one at a time: end it first (Ctrl-C)")
+    return fd
 
 
 def drop_lease(bpffs, fd):
-    with contextlib.suppress(OSError):
-        os.unlink(lease_path(bpffs))
-    os.close(fd)
-    with contextlib.suppress(OSError):
-        os.rmdir(LEASE_DIR)   # only if nothing else (the agent's lock) is there
+    claim.drop(lease_path(bpffs), fd)
 
 
 def lease_alive(bpffs):
     """Whether a trace holds the lease on this bpffs now."""
-    try:
-        fd = os.open(lease_path(bpffs), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    return claim.held(lease_path(bpffs))
 
 
 # ------------------------------------------------------------------------ the flag

@@ -198,7 +198,8 @@ def test_inbound_decisions_show_the_client(pod, tracing, host, client_ip):
 
 @pytest.fixture
 def dns(pod):
-    pod.spawn(LS + ["dns", "53", "--a", "198.18.0.99", "--aaaa", "fd00:7470::99"], ns=pod.remote_ns, in_cgroup=False)
+    pod.spawn(LS + ["dns", "53", "--a", "198.18.0.99", "--aaaa", "fd00:7470::99"],
+              ns=pod.remote_ns, in_cgroup=False)
     pod.spawn(LS + ["dns", "15053", "--a", "240.0.0.1", "--aaaa", "fd00::240"], user=DP_UID)
     return pod
 
