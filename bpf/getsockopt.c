@@ -80,7 +80,7 @@ static __always_inline int tp_kernel_answer_is_a_loop(struct bpf_sockopt *ctx,
 	}
 }
 
-/* What the proxy was told (addr:port, zero if nothing), with the socket's peer (the
+/* What the proxy was told (addr:port, NULL if nothing), with the socket's peer (the
  * application's end) and the proxy's own port. cfg is the namespace's configuration, or
  * NULL where only its cookie is at hand (an answer): then it is looked up only while a
  * trace is reading, so an untraced answer pays one inlined array load. */
@@ -112,7 +112,6 @@ int getsockopt_orig_dst(struct bpf_sockopt *ctx)
 	struct bpf_sock *sk = ctx->sk;
 	struct tp_config *cfg;
 	struct tp_answer *a;
-	u8 none[16] = {};
 	u64 netns;
 
 	if (ctx->optname != TP_SO_ORIGINAL_DST ||
@@ -132,12 +131,12 @@ int getsockopt_orig_dst(struct bpf_sockopt *ctx)
 			return tp_pass_on(ctx);
 		if (ctx->retval != 0) {
 			tp_count(netns, TP_R_ORIG_DST_MISSED);
-			tp_trace_answer(ctx, sk, cfg, netns, TP_R_ORIG_DST_MISSED, none, 0);
+			tp_trace_answer(ctx, sk, cfg, netns, TP_R_ORIG_DST_MISSED, NULL, 0);
 			return tp_pass_on(ctx);
 		}
 		if (tp_kernel_answer_is_a_loop(ctx, sk, cfg)) {
 			tp_count(netns, TP_R_ORIG_DST_REFUSED);
-			tp_trace_answer(ctx, sk, cfg, netns, TP_R_ORIG_DST_REFUSED, none, 0);
+			tp_trace_answer(ctx, sk, cfg, netns, TP_R_ORIG_DST_REFUSED, NULL, 0);
 			ctx->optlen = 0;
 			return 0;	/* EPERM */
 		}

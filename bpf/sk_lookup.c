@@ -54,10 +54,8 @@ static __always_inline void tp_trace_inbound(struct bpf_sk_lookup *ctx,
 					     const struct tp_config *cfg, u32 reason,
 					     const u8 *local, const u8 *remote, u16 target_port)
 {
-	if (tp_tracing(cfg))
-		tp_trace(ctx, cfg, TP_HOOK_SK_LOOKUP, IPPROTO_TCP, reason, local,
-			 (u16)ctx->local_port, remote, bpf_ntohs((u16)ctx->remote_port),
-			 target_port);
+	tp_trace(ctx, cfg, TP_HOOK_SK_LOOKUP, IPPROTO_TCP, reason, local, (u16)ctx->local_port,
+		 remote, bpf_ntohs((u16)ctx->remote_port), target_port);
 }
 
 int sk_lookup_inbound(struct bpf_sk_lookup *ctx)

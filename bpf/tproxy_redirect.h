@@ -20,9 +20,7 @@ static __always_inline int tp_remember_orig(struct bpf_sock_addr *ctx, struct bp
 
 	if (!o) {
 		tp_count(cfg->netns_cookie, TP_R_NO_STORAGE);
-		if (tp_tracing(cfg))
-			tp_trace(ctx, cfg, hook, ctx->protocol, TP_R_NO_STORAGE, dst, port, NULL,
-				 0, 0);
+		tp_trace(ctx, cfg, hook, ctx->protocol, TP_R_NO_STORAGE, dst, port, NULL, 0, 0);
 		return 0;
 	}
 	__builtin_memcpy(o->orig.addr, dst, 16);
@@ -58,9 +56,8 @@ static __always_inline enum tp_verdict tp_verdict(struct bpf_sock_addr *ctx, u8 
 	 * address is IPv4 traffic and was already turned into one by the caller. */
 	if (!tp_addr_is_mapped(a->dst) && !(cfg->flags & TP_F_IPV6)) {
 		tp_count(cfg->netns_cookie, TP_R_FAMILY_OFF);
-		if (tp_tracing(cfg))
-			tp_trace(ctx, cfg, hook, ctx->protocol, TP_R_FAMILY_OFF, a->dst,
-				 a->dst_port, a->src, 0, 0);
+		tp_trace(ctx, cfg, hook, ctx->protocol, TP_R_FAMILY_OFF, a->dst, a->dst_port,
+			 a->src, 0, 0);
 		return TP_DIRECT;
 	}
 	a->uid = (u32)bpf_get_current_uid_gid();
@@ -74,9 +71,8 @@ static __always_inline enum tp_verdict tp_verdict(struct bpf_sock_addr *ctx, u8 
 	tp_count(cfg->netns_cookie, reason);
 	*target_port = v == TP_TO_INBOUND ? cfg->inbound_port :
 		       v == TP_TO_DNS ? cfg->dns_port : cfg->outbound_port;
-	if (tp_tracing(cfg))
-		tp_trace(ctx, cfg, hook, ctx->protocol, reason, a->dst, a->dst_port, a->src, 0,
-			 v == TP_DIRECT ? 0 : *target_port);
+	tp_trace(ctx, cfg, hook, ctx->protocol, reason, a->dst, a->dst_port, a->src, 0,
+		 v == TP_DIRECT ? 0 : *target_port);
 	*cfgp = cfg;
 	return v;
 }

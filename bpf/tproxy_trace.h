@@ -63,10 +63,11 @@ static __always_inline int tp_prefix_match(const u8 *addr, const u8 *net, u32 pr
 }
 #endif
 
-/* Send one decision to the reader, unless the filter leaves it out. Only call it when
- * tp_tracing(cfg). hook is a constant at every call site, so sk_lookup's copy (softirq:
- * no process to name) has no pid, uid or comm code at all. peer may be NULL. pid 0 and an
- * empty comm mean "not known here" (the reader shows "-"). */
+/* Send one decision to the reader if its namespace is traced and the filter lets it
+ * through. hook is a constant at every call site, so sk_lookup's copy (softirq: no
+ * process to name) has no pid, uid or comm code at all. addr and peer may be NULL (none:
+ * zero in the event). pid 0 and an empty comm mean "not known here" (the reader shows
+ * "-"). */
 static __always_inline void tp_trace(void *ctx, const struct tp_config *cfg, u8 hook,
 				     u8 proto, u32 reason, const u8 *addr, u16 port,
 				     const u8 *peer, u16 peer_port, u16 target_port)
@@ -86,6 +87,8 @@ static __always_inline void tp_trace(void *ctx, const struct tp_config *cfg, u8 
 	u64 *lost;
 	long err;
 
+	if (!tp_tracing(cfg))
+		return;
 	f = tp_trace_filter.lookup(&zero);
 	if (!f)
 		return;
@@ -101,13 +104,14 @@ static __always_inline void tp_trace(void *ctx, const struct tp_config *cfg, u8 
 		return;
 	if ((f->flags & TP_TF_PORT) && port != f->port)
 		return;
-	if ((f->flags & TP_TF_DST) && !tp_prefix_match(addr, f->dst, f->dst_prefix))
+	if ((f->flags & TP_TF_DST) && (!addr || !tp_prefix_match(addr, f->dst, f->dst_prefix)))
 		return;
 	e.ts_ns = bpf_ktime_get_ns();
 	e.netns_cookie = cfg->netns_cookie;
 	if (has_task)
 		bpf_get_current_comm(e.comm, sizeof(e.comm));
-	__builtin_memcpy(e.addr, addr, 16);
+	if (addr)
+		__builtin_memcpy(e.addr, addr, 16);
 	if (peer)
 		__builtin_memcpy(e.peer, peer, 16);
 	e.port = port;

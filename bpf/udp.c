@@ -55,9 +55,8 @@ int sendmsg6(struct bpf_sock_addr *ctx)
 	 * the scope id, and ::1 is not reachable through it. */
 	if (tp_addr_is_mapped(a.dst) || (a.dst[0] == 0xfe && (a.dst[1] & 0xc0) == 0x80)) {
 		tp_count(cfg->netns_cookie, TP_R_DNS_NOT_REDIRECTABLE);
-		if (tp_tracing(cfg))
-			tp_trace(ctx, cfg, TP_HOOK_SENDMSG6, IPPROTO_UDP,
-				 TP_R_DNS_NOT_REDIRECTABLE, a.dst, a.dst_port, NULL, 0, 0);
+		tp_trace(ctx, cfg, TP_HOOK_SENDMSG6, IPPROTO_UDP, TP_R_DNS_NOT_REDIRECTABLE,
+			 a.dst, a.dst_port, NULL, 0, 0);
 		return 1;
 	}
 	if (!tp_remember_orig(ctx, sk, TP_HOOK_SENDMSG6, cfg, a.dst, a.dst_port, TP_AF_INET6))
@@ -102,9 +101,8 @@ int recvmsg4(struct bpf_sock_addr *ctx)
 		return 1;
 	tp_ctx_set4(ctx, o->orig.addr, o->orig.port);
 	tp_count(o->netns_cookie, TP_R_DNS_REPLY_RESTORED);
-	if (tp_tracing(cfg))
-		tp_trace(ctx, cfg, TP_HOOK_RECVMSG4, IPPROTO_UDP, TP_R_DNS_REPLY_RESTORED,
-			 o->orig.addr, o->orig.port, NULL, 0, 0);
+	tp_trace(ctx, cfg, TP_HOOK_RECVMSG4, IPPROTO_UDP, TP_R_DNS_REPLY_RESTORED,
+		 o->orig.addr, o->orig.port, NULL, 0, 0);
 	return 1;
 }
 
@@ -121,8 +119,7 @@ int recvmsg6(struct bpf_sock_addr *ctx)
 	/* A connected AF_INET6 socket that dialed ::ffff:a.b.c.d gets the mapped address. */
 	tp_ctx_set6(ctx, o->orig.addr, o->orig.port);
 	tp_count(o->netns_cookie, TP_R_DNS_REPLY_RESTORED);
-	if (tp_tracing(cfg))
-		tp_trace(ctx, cfg, TP_HOOK_RECVMSG6, IPPROTO_UDP, TP_R_DNS_REPLY_RESTORED,
-			 o->orig.addr, o->orig.port, NULL, 0, 0);
+	tp_trace(ctx, cfg, TP_HOOK_RECVMSG6, IPPROTO_UDP, TP_R_DNS_REPLY_RESTORED,
+		 o->orig.addr, o->orig.port, NULL, 0, 0);
 	return 1;
 }

@@ -592,9 +592,8 @@ def _trace_uid(value, what):
     """--uid: a uid (a pod's user need not exist here) or a user name of this host."""
     import pwd
     v = value.strip()
-    if v.isdigit() and int(v) < 2**32 - 1:
-        uid = int(v)
-    else:
+    uid = config.parse_uint(v)   # ASCII digits only, as every number this tool reads
+    if uid is None or uid >= 2**32 - 1:
         try:
             uid = pwd.getpwnam(v).pw_uid
         except KeyError:
@@ -607,10 +606,10 @@ def _trace_uid(value, what):
 
 
 def _trace_pid(value, what):
-    v = value.strip()
-    if not v.isdigit() or not 0 < int(v) < 2**22 + 1:
+    pid = config.parse_uint(value)
+    if pid is None or not 0 < pid <= 2**22:   # pid_max is at most 2^22
         raise ConfigError(f"{what}: {value!r} is not a process id; give e.g. --pid 1234")
-    return int(v)
+    return pid
 
 
 @main.command()

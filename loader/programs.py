@@ -173,12 +173,12 @@ def cflags_for(features=()):
     # which makes a program set of new code out of the same sources (an upgrade).
     if os.environ.get("EBPF_TPROXY_TEST_CONN_MAX"):
         flags.append(f"-DTP_CONN_MAX={int(os.environ['EBPF_TPROXY_TEST_CONN_MAX'])}")
+    if os.environ.get("EBPF_TPROXY_TEST_BUILD_TAG"):
+        flags.append(f"-DTP_TEST_BUILD_TAG={int(os.environ['EBPF_TPROXY_TEST_BUILD_TAG'])}")
     # Bench seam: a node set without any trace code, what bench/trace_cost.py compares
     # tracing off with.
     if os.environ.get("EBPF_TPROXY_TEST_NO_TRACE") == "1":
         flags.append("-DTP_NO_TRACE")
-    if os.environ.get("EBPF_TPROXY_TEST_BUILD_TAG"):
-        flags.append(f"-DTP_TEST_BUILD_TAG={int(os.environ['EBPF_TPROXY_TEST_BUILD_TAG'])}")
     return flags
 
 

@@ -24,7 +24,7 @@ import ipaddress
 import os
 import time
 
-from . import abi, bpfsys, claim
+from . import abi, bpfsys, claim, config
 from .config import ConfigError
 
 PERF_PAGES = 64            # per CPU, on kernels without a ring buffer (256 KiB each)
@@ -149,10 +149,11 @@ def parse_dst(value, what="--dst"):
         host, port = v.split(":")
         host = host or None
     if port is not None:
-        if not port.isdigit() or not 1 <= int(port) <= 65535:
+        number = config.parse_uint(port)
+        if number is None or not 1 <= number <= 65535:
             raise ConfigError(f"{what}: port {port!r} is not 1-65535; write e.g. "
                               "10.0.0.0/8:80")
-        port = int(port)
+        port = number
     if host is not None:
         try:
             host = str(ipaddress.ip_network(host, strict=False))

@@ -28,6 +28,7 @@ def test_dst_forms(value, want):
     ("10.0.0.0/33", "not an address or CIDR"),
     ("10.0.0.1:0", "not 1-65535"),
     ("10.0.0.1:70000", "not 1-65535"),
+    ("10.0.0.1:٨٠", "not 1-65535"),   # ASCII digits only, as every number this tool reads
     ("[fd00::1:443", r"not \[ADDRESS\]:PORT"),
     ("host.example:80", "not an address or CIDR"),
 ])
@@ -115,6 +116,7 @@ def test_a_direct_decision_was_sent_nowhere():
 @pytest.mark.parametrize("args,says", [
     (["--pid", "abc"], "--pid: 'abc' is not a process id"),
     (["--pid", "0"], "--pid: '0' is not a process id"),
+    (["--pid", "١٢"], "--pid: '١٢' is not a process id"),
     (["--count", "0"], "--count"),
     (["--duration", "0"], "--duration"),
     (["--dst", "300.0.0.1"], "--dst: '300.0.0.1' is not an address or CIDR"),
